@@ -1,0 +1,27 @@
+// snp_fast._C: op schemas (declared once, here) and the Python module that loads them.
+//
+// Each device's implementation registers under its own dispatch key in its own file:
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(snp_fast, CPU, m)) and csrc/cuda/*.cu (..., CUDA, m).
+// Python calls them as torch.ops.snp_fast.<op> through the wrappers in snp_fast/ops/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(snp_fast, m) {
+  // Q/K attention-score preservation scores, (B, H, N, d) q and k -> (H, d) float32, summed over B.
+  m.def("qk_scores(Tensor q, Tensor k, int gamma) -> Tensor");
+  // Pairwise redundancy: omega_i = sum_l (1 - |cos(W_i, W_l)|) over the rows of a 2-D weight -> (n,) float32.
+  m.def("redundancy_scores(Tensor w) -> Tensor");
+  // Gram matrix x^T x of a (T, m) input, float32 (m, m).
+  m.def("gram(Tensor x) -> Tensor");
+  // Apply (dim, kept-index) slices to many tensors in one call; idx_b may be None (one slice only).
+  m.def("gather_slices(Tensor[] src, int[] dim_a, Tensor[] idx_a, int[] dim_b, Tensor?[] idx_b) -> Tensor[]");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "snp_fast compiled kernels (ops are registered as torch.ops.snp_fast.*)";
+#ifdef SNP_FAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,145 @@
+"""The hot pieces of SNP behind one interface, dispatched by device (see dispatch.py).
+
+    qk_scores(q, k, gamma)        Q/K attention-score preservation scores, (B,H,N,d) -> (H,d)
+    redundancy_scores(w)          Σ_l (1 − |cos(W_i, W_l)|) over the rows of w -> (n,)
+    gram(x, out=None)             (out +=) xᵀx, fp32, for the least-squares re-fit
+    gather_slices(tensors, slices) every (dim, kept-index) slice of many tensors in one call
+
+Every op has a plain-PyTorch reference (ops/reference.py) that the compiled and Triton kernels are
+tested and benchmarked against.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import reference
+from .dispatch import BACKENDS, available_backends, extension, has_kernel, register, resolve
+
+__all__ = ['qk_scores', 'redundancy_scores', 'gram', 'gather_slices', 'available_backends', 'BACKENDS',
+           'extension']
+
+# --- reference implementations -------------------------------------------------------------------
+register('qk_scores', 'reference')(reference.qk_scores_literal)
+register('redundancy_scores', 'reference')(reference.redundancy_scores_full)
+register('gram', 'reference')(lambda x: reference.gram_full(x))
+register('gather_slices', 'reference')(reference.gather_slices_loop)
+
+
+# --- compiled extension (torch.ops.snp_fast.*), one entry per dispatch key ------------------------
+def _ext_qk_scores(q, k, gamma):
+    return torch.ops.snp_fast.qk_scores(q, k, int(gamma))
+
+
+def _ext_redundancy(w):
+    return torch.ops.snp_fast.redundancy_scores(w)
+
+
+def _ext_gram(x):
+    return torch.ops.snp_fast.gram(x)
+
+
+def _ext_gather(tensors, slices):
+    dim_a, idx_a, dim_b, idx_b = [], [], [], []
+    for t, per in zip(tensors, slices):
+        if not 1 <= len(per) <= 2:
+            raise ValueError(f'gather_slices: each tensor takes one or two (dim, index) slices, got {len(per)}')
+        (da, ia), (db, ib) = per[0], (per[1] if len(per) == 2 else (0, None))
+        dim_a.append(da % t.dim())
+        idx_a.append(ia.to(t.device))
+        dim_b.append(db % t.dim())
+        idx_b.append(None if ib is None else ib.to(t.device))
+    return list(torch.ops.snp_fast.gather_slices(list(tensors), dim_a, idx_a, dim_b, idx_b))
+
+
+for _backend in ('cpu', 'cuda'):
+    register('qk_scores', _backend)(_ext_qk_scores)
+    register('redundancy_scores', _backend)(_ext_redundancy)
+    register('gram', _backend)(_ext_gram)
+    register('gather_slices', _backend)(_ext_gather)
+
+
+def _register_fakes():
+    """Shapes without data, so the ops trace under torch.compile / FakeTensor."""
+    if extension() is None:
+        return
+
+    @torch.library.register_fake('snp_fast::qk_scores')
+    def _(q, k, gamma):
+        return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
+
+    @torch.library.register_fake('snp_fast::redundancy_scores')
+    def _(w):
+        return w.new_empty((w.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake('snp_fast::gram')
+    def _(x):
+        return x.new_empty((x.shape[1], x.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake('snp_fast::gather_slices')
+    def _(src, dim_a, idx_a, dim_b, idx_b):
+        out = []
+        for t, da, ia, db, ib in zip(src, dim_a, idx_a, dim_b, idx_b):
+            shape = list(t.shape)
+            shape[da] = ia.shape[0]
+            if ib is not None:
+                shape[db] = ib.shape[0]
+            out.append(t.new_empty(shape))
+        return out
+
+
+_register_fakes()
+
+
+def _import_triton_kernels():
+    try:
+        from . import triton as _triton  # noqa: F401  (registers the "triton" backends)
+    except ImportError:
+        pass
+
+
+_import_triton_kernels()
+
+
+# --- public API -----------------------------------------------------------------------------------
+def qk_scores(q: torch.Tensor, k: torch.Tensor, gamma: int, *, backend: str = 'auto') -> torch.Tensor:
+    """Q/K attention-score preservation scores (SNP.md), summed over the batch.
+
+    Args:
+        q: queries (B, H, N, d) as they enter QKᵀ; any float dtype (computed in fp32).
+        k: keys, same shape.
+        gamma: leading singular components of QKᵀ to preserve (1 <= gamma; capped at min(N, d)).
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+
+    Returns:
+        (H, d) float32 scores, high = keep.
+    """
+    return resolve('qk_scores', backend, q.device)(q, k, gamma)
+
+
+def redundancy_scores(w: torch.Tensor, *, backend: str = 'auto') -> torch.Tensor:
+    """ω_i = Σ_l (1 − |cos(W_i, W_l)|) over the rows of a 2-D weight; (n,) float32, high = keep."""
+    return resolve('redundancy_scores', backend, w.device)(w)
+
+
+def gram(x: torch.Tensor, out: Optional[torch.Tensor] = None, *, backend: str = 'auto') -> torch.Tensor:
+    """xᵀx (fp32) of a (T, m) input; added into `out` when given (streaming accumulation)."""
+    if x.dim() != 2:
+        raise ValueError(f'gram needs a 2-D input (tokens, features), got shape {tuple(x.shape)}')
+    g = resolve('gram', backend, x.device)(x)
+    if out is None:
+        return g
+    return out.add_(g)
+
+
+Slice = Tuple[int, torch.Tensor]
+
+
+def gather_slices(tensors: Sequence[torch.Tensor], slices: Sequence[Sequence[Slice]], *,
+                  backend: str = 'auto') -> List[torch.Tensor]:
+    """Slice many tensors at once: tensors[i] keeps, along each (dim, int64 index) of slices[i], the
+    listed indices (one or two slices per tensor). Returns new contiguous tensors."""
+    if len(tensors) != len(slices):
+        raise ValueError(f'gather_slices: {len(tensors)} tensors but {len(slices)} slice lists')
+    if not tensors:
+        return []
+    return resolve('gather_slices', backend, tensors[0].device)(tensors, slices)
