@@ -1,0 +1,166 @@
+"""Saving and loading pruned models without pickle: safetensors weights + a readable JSON recipe.
+
+    DIR/model.safetensors   the pruned model's state dict
+    DIR/recipe.json         timm name + kwargs of the unpruned architecture, widths before/after, the
+                            kept indices of every group, and the settings prune() used
+
+load_pruned() builds the unpruned architecture with timm on the meta device (no memory, no init),
+applies the recipe's widths, and loads the weights with every name and shape checked.
+"""
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .models import vit
+from .models.vit import ModelDims
+
+__all__ = ['save_pruned', 'load_pruned', 'infer_timm_config', 'RecipeError']
+
+WEIGHTS = 'model.safetensors'
+RECIPE = 'recipe.json'
+
+
+class RecipeError(ValueError):
+    """A saved pruned model whose recipe or weights are missing, malformed or inconsistent."""
+
+
+def infer_timm_config(model: nn.Module, overrides: Optional[dict] = None) -> Tuple[Optional[str], dict]:
+    """(timm name, kwargs) that rebuild `model`'s unpruned architecture with timm.create_model.
+
+    The name comes from timm's pretrained_cfg; the kwargs restate the sizes and options read off the
+    model, so models created with overrides (img_size=, num_classes=, embed_dim=, depth=, ...) come back
+    the same. Returns (None, {}) when the model was not made by timm.create_model.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    name = cfg.get('architecture')
+    if name is None:
+        return None, dict(overrides or {})
+    blk = model.blocks[0]
+    pe = model.patch_embed
+    kw = dict(
+        img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=model.in_chans,
+        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+        depth=len(model.blocks), num_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
+        qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
+        class_token=model.cls_token is not None, reg_tokens=getattr(model, 'num_reg_tokens', 0),
+        no_embed_class=model.no_embed_class, pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        dynamic_img_size=model.dynamic_img_size,
+    )
+    if hasattr(blk.ls1, 'gamma'):
+        kw['init_values'] = 1e-5  # only turns LayerScale on; its values come from the weights
+    if model.pos_embed is None:
+        kw['pos_embed'] = 'none'
+    kw.update(overrides or {})
+    return name, kw
+
+
+def _build_skeleton(recipe: dict) -> nn.Module:
+    import timm
+    name, kwargs = recipe.get('timm_name'), recipe.get('timm_kwargs') or {}
+    if not name:
+        raise RecipeError('the recipe has no timm_name: prune(..., timm_name=, timm_kwargs=) must say how to '
+                          'build the unpruned model')
+    try:
+        model = timm.create_model(name, pretrained=False, device='meta', **kwargs)
+    except Exception as e:  # noqa: BLE001 -- any timm failure means the recipe does not describe a model
+        raise RecipeError(f'timm could not build {name!r} with {kwargs}: {e}') from e
+    vit.check_supported(model)
+    return model
+
+
+def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, report=None) -> str:
+    """Write a model returned by snp_fast.prune() to `directory` (weights + recipe [+ report.json]).
+
+    The directory is written next to its destination and renamed into place, so a failure leaves
+    nothing half-written. An existing non-empty directory is an error unless overwrite=True.
+    """
+    from safetensors.torch import save_file
+    recipe = getattr(model, 'snp_recipe', None)
+    if not isinstance(recipe, dict):
+        raise ValueError('save_pruned needs a model returned by snp_fast.prune() (it carries the recipe)')
+    if not recipe.get('timm_name'):
+        raise ValueError('this model was not created by timm.create_model, so its architecture cannot be '
+                         'rebuilt: pass timm_name= and timm_kwargs= to snp_fast.prune()')
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)) and not overwrite:
+        raise FileExistsError(f'{directory} exists and is not empty (pass overwrite=True to replace it)')
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.snp_fast_', dir=parent)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, WEIGHTS), metadata={'format': recipe['format']})
+        with open(os.path.join(tmp, RECIPE), 'w') as f:
+            json.dump(recipe, f, indent=1)
+        if report is not None:
+            with open(os.path.join(tmp, 'report.json'), 'w') as f:
+                json.dump(report.to_dict(), f, indent=1, default=str)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_recipe(directory: str) -> dict:
+    from .prune import RECIPE_FORMAT
+    path = os.path.join(directory, RECIPE)
+    if not os.path.isfile(path):
+        raise RecipeError(f'{path} not found: {directory} is not a directory written by snp_fast.save_pruned')
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f'{path} is not valid JSON: {e}') from e
+    if not isinstance(recipe, dict) or recipe.get('format') != RECIPE_FORMAT:
+        raise RecipeError(f'{path}: unknown recipe format {recipe.get("format") if isinstance(recipe, dict) else None!r}'
+                          f' (expected {RECIPE_FORMAT!r})')
+    for key in ('dims_before', 'dims_after', 'selection'):
+        if key not in recipe:
+            raise RecipeError(f'{path}: missing {key!r}')
+    return recipe
+
+
+def load_pruned(directory: str, device='cpu') -> nn.Module:
+    """Rebuild a model saved by save_pruned() (no pickle; every tensor name and shape is checked)."""
+    from safetensors import safe_open
+    recipe = load_recipe(directory)
+    wpath = os.path.join(directory, WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise RecipeError(f'{wpath} not found')
+    model = _build_skeleton(recipe)
+    try:
+        before, after = ModelDims.from_dict(recipe['dims_before']), ModelDims.from_dict(recipe['dims_after'])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecipeError(f'{directory}/{RECIPE}: malformed dims: {e}') from e
+    built = vit.model_dims(model)
+    if built != before:
+        raise RecipeError(f'{directory}/{RECIPE}: timm built {recipe["timm_name"]} with widths {built.to_dict()} '
+                          f'but the recipe was pruned from {before.to_dict()}')
+    try:
+        vit.apply_dims(model, after)
+    except ValueError as e:
+        raise RecipeError(f'{directory}/{RECIPE}: {e}') from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = {}
+    with safe_open(wpath, framework='pt', device=str(device)) as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+        if missing or unexpected:
+            raise RecipeError(f'{wpath} does not match its recipe: missing {missing[:5]}, unexpected {unexpected[:5]}')
+        for k in expected:
+            t = f.get_tensor(k)
+            if tuple(t.shape) != expected[k]:
+                raise RecipeError(f'{wpath}: {k} has shape {tuple(t.shape)} but the recipe gives {expected[k]}')
+            state[k] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    model.snp_recipe = recipe
+    return model.eval()

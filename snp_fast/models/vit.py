@@ -1,0 +1,353 @@
+"""SNP adapter for timm `VisionTransformer` (ViT, DeiT, distilled DeiT, DeiT-3, register tokens).
+
+The adapter knows the family's structure, so it builds the coupled groups of SNP.md directly (no
+tracing): per block a query/key group, a value group and an FFN group, and one residual-stream
+(embedding) group that couples every tensor reading or writing the stream. It turns a selection of
+kept indices into one slicing plan ({parameter name: [(dim, kept index)]}) and turns a meta-device
+copy of the model into the smaller architecture that the sliced tensors are loaded into.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['BlockDims', 'ModelDims', 'BlockSelection', 'Selection', 'PrunedAttention', 'check_supported',
+           'model_dims', 'apply_dims', 'slice_plan', 'block_plan', 'stem_and_head_plan', 'SUPPORTED',
+           'UnsupportedModelError']
+
+SUPPORTED = ('timm VisionTransformer / VisionTransformerDistilled built from the standard Block, Attention '
+             'and Mlp layers: vit_*, deit_*, deit3_*, *_distilled, register-token and class_token=False '
+             '(avg-pool) variants')
+
+Slice = Tuple[int, torch.Tensor]
+Plan = Dict[str, List[Slice]]
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its layers) is not of a family snp_fast knows how to prune."""
+
+
+@dataclass
+class BlockDims:
+    heads: int
+    qk: int     # query/key width per head
+    v: int      # value width per head
+    mlp: int    # fc1 hidden neurons
+
+
+@dataclass
+class ModelDims:
+    embed: int
+    blocks: List[BlockDims]
+
+    def to_dict(self) -> dict:
+        return {'embed': self.embed, 'blocks': [asdict(b) for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'ModelDims':
+        return cls(embed=int(d['embed']), blocks=[BlockDims(**{k: int(v) for k, v in b.items()}) for b in d['blocks']])
+
+
+@dataclass
+class BlockSelection:
+    qk: torch.Tensor   # (H, kept q/k dims per head), int64, sorted per head
+    v: torch.Tensor    # (H, kept v dims per head)
+    mlp: torch.Tensor  # (kept fc1 neurons,)
+
+
+@dataclass
+class Selection:
+    embed: torch.Tensor             # kept residual-stream channels
+    blocks: List[BlockSelection]
+
+    def dims(self) -> ModelDims:
+        return ModelDims(self.embed.numel(), [BlockDims(b.qk.shape[0], b.qk.shape[1], b.v.shape[1], b.mlp.numel())
+                                              for b in self.blocks])
+
+    def to_dict(self) -> dict:
+        return {'embed': self.embed.tolist(),
+                'blocks': [{'qk': b.qk.tolist(), 'v': b.v.tolist(), 'mlp': b.mlp.tolist()} for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'Selection':
+        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        return cls(t(d['embed']), [BlockSelection(t(b['qk']), t(b['v']), t(b['mlp'])) for b in d['blocks']])
+
+
+class PrunedAttention(nn.Module):
+    """Multi-head self-attention whose query/key width per head (qk_dim) may differ from its value
+    width (v_dim), with the ORIGINAL softmax scale kept (pruning q/k dims must not change it).
+
+    Parameter names match timm's Attention (qkv laid out [q | k | v], head-major), so state dicts and
+    tooling carry over.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float, qkv_bias: bool = True,
+                 proj_bias: bool = True, q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
+                 norm: Optional[nn.Module] = None, gate_bias: Optional[bool] = None, attn_drop: float = 0.,
+                 proj_drop: float = 0., dim_out: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim
+        self.v_dim = v_dim
+        self.head_dim = qk_dim  # timm tools read attn.head_dim
+        self.scale = scale
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias, **dd)
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm if norm is not None else nn.Identity()
+        self.gate = nn.Linear(dim, num_heads * v_dim, bias=gate_bias, **dd) if gate_bias is not None else None
+        self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}'
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                **kwargs) -> torch.Tensor:
+        unknown = {k: v for k, v in kwargs.items() if v is not None and v is not False}
+        if unknown:
+            raise TypeError(f'PrunedAttention got keyword arguments it cannot honour: {sorted(unknown)}')
+        B, N, _ = x.shape
+        H, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).split([H * dqk, H * dqk, H * dv], dim=-1)
+        q = self.q_norm(q.view(B, N, H, dqk).transpose(1, 2))
+        k = self.k_norm(k.view(B, N, H, dqk).transpose(1, 2))
+        v = v.view(B, N, H, dv).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                           dropout_p=self.attn_drop.p if self.training else 0.)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, H * dv))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# structure checks and dims
+
+def _timm_classes():
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+    return VisionTransformer, Block, Attention, Mlp
+
+
+def check_supported(model: nn.Module, allow_pruned: bool = False) -> None:
+    """Raise UnsupportedModelError naming what is supported unless `model` is a plain timm ViT."""
+    VisionTransformer, Block, Attention, Mlp = _timm_classes()
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f'{type(model).__name__} is not supported; snp_fast prunes {SUPPORTED}')
+    if getattr(model, 'attn_pool', None) is not None:
+        raise UnsupportedModelError(f'global_pool={model.global_pool!r} (attention pooling head) is not supported; '
+                                    f'snp_fast prunes {SUPPORTED}')
+    if not isinstance(getattr(model.patch_embed, 'proj', None), nn.Conv2d):
+        raise UnsupportedModelError(f'patch embedding {type(model.patch_embed).__name__} without a Conv2d proj '
+                                    'is not supported')
+    attn_types = (Attention, PrunedAttention) if allow_pruned else (Attention,)
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise UnsupportedModelError(f'blocks.{i} is a {type(blk).__name__}; only timm Block is supported '
+                                        f'({SUPPORTED})')
+        if type(blk.attn) not in attn_types:
+            what = 'already pruned (re-pruning is not supported)' if isinstance(blk.attn, PrunedAttention) \
+                else f'a {type(blk.attn).__name__}'
+            raise UnsupportedModelError(f'blocks.{i}.attn is {what}; only timm Attention is supported')
+        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear):
+            raise UnsupportedModelError(f'blocks.{i}.mlp is a {type(blk.mlp).__name__}; only timm Mlp '
+                                        '(fc1 -> act -> fc2) is supported')
+
+
+def _attn_dims(attn: nn.Module) -> Tuple[int, int, int]:
+    if isinstance(attn, PrunedAttention):
+        return attn.num_heads, attn.qk_dim, attn.v_dim
+    return attn.num_heads, attn.head_dim, attn.head_dim
+
+
+def model_dims(model: nn.Module) -> ModelDims:
+    blocks = []
+    for blk in model.blocks:
+        h, qk, v = _attn_dims(blk.attn)
+        blocks.append(BlockDims(h, qk, v, blk.mlp.fc1.out_features))
+    return ModelDims(model.embed_dim, blocks)
+
+
+def has_qk_norm(model: nn.Module) -> bool:
+    return any(not isinstance(b.attn.q_norm, nn.Identity) for b in model.blocks)
+
+
+# ------------------------------------------------------------------------------------------------
+# slicing plan: {parameter name: [(dim, kept index)]}
+
+def _head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """(H, kept) per-head indices -> flat row indices into a head-major (H*head_dim) axis."""
+    heads = torch.arange(sel.shape[0], dtype=torch.long).unsqueeze(1)
+    return (heads * head_dim + sel + offset).flatten()
+
+
+def _norm_plan(plan: Plan, prefix: str, module: nn.Module, idx: torch.Tensor) -> None:
+    for p in ('weight', 'bias'):
+        if getattr(module, p, None) is not None:
+            plan[f'{prefix}.{p}'] = [(0, idx)]
+
+
+def _linear_plan(plan: Plan, prefix: str, module: nn.Linear, out_idx: Optional[torch.Tensor],
+                 in_idx: Optional[torch.Tensor]) -> None:
+    w = [(d, i) for d, i in ((0, out_idx), (1, in_idx)) if i is not None]
+    if w:
+        plan[f'{prefix}.weight'] = w
+    if module.bias is not None and out_idx is not None:
+        plan[f'{prefix}.bias'] = [(0, out_idx)]
+
+
+def stem_and_head_plan(model: nn.Module, embed: torch.Tensor) -> Plan:
+    """Slices of every tensor outside the blocks that touches the residual stream."""
+    plan: Plan = {}
+    plan['patch_embed.proj.weight'] = [(0, embed)]
+    if model.patch_embed.proj.bias is not None:
+        plan['patch_embed.proj.bias'] = [(0, embed)]
+    if not isinstance(getattr(model.patch_embed, 'norm', nn.Identity()), nn.Identity):
+        _norm_plan(plan, 'patch_embed.norm', model.patch_embed.norm, embed)
+    for tok in ('cls_token', 'reg_token', 'dist_token', 'pos_embed'):
+        if getattr(model, tok, None) is not None:
+            plan[tok] = [(2, embed)]
+    for name in ('norm_pre', 'norm', 'fc_norm'):
+        mod = getattr(model, name, None)
+        if mod is not None and not isinstance(mod, nn.Identity):
+            _norm_plan(plan, name, mod, embed)
+    for name in ('head', 'head_dist'):
+        mod = getattr(model, name, None)
+        if isinstance(mod, nn.Linear):
+            _linear_plan(plan, name, mod, None, embed)
+    return plan
+
+
+def block_plan(model: nn.Module, i: int, sel: BlockSelection, embed: torch.Tensor) -> Plan:
+    """Slices of every tensor of block i (q/k, v, fc1 groups and its share of the stream group)."""
+    blk = model.blocks[i]
+    attn = blk.attn
+    h, d_qk, d_v = _attn_dims(attn)
+    if d_qk != d_v:
+        raise UnsupportedModelError(f'blocks.{i}.attn is already pruned; re-pruning is not supported')
+    d = d_qk
+    p = f'blocks.{i}'
+    q_rows = _head_rows(sel.qk, d)
+    v_cols = _head_rows(sel.v, d)
+    qkv_rows = torch.cat([q_rows, q_rows + h * d, v_cols + 2 * h * d])
+    plan: Plan = {}
+    _norm_plan(plan, f'{p}.norm1', blk.norm1, embed)
+    _norm_plan(plan, f'{p}.norm2', blk.norm2, embed)
+    _linear_plan(plan, f'{p}.attn.qkv', attn.qkv, qkv_rows, embed)
+    if not isinstance(attn.norm, nn.Identity):
+        _norm_plan(plan, f'{p}.attn.norm', attn.norm, v_cols)
+    if getattr(attn, 'gate', None) is not None:
+        _linear_plan(plan, f'{p}.attn.gate', attn.gate, v_cols, embed)
+    _linear_plan(plan, f'{p}.attn.proj', attn.proj, embed, v_cols)
+    for ls in ('ls1', 'ls2'):
+        if hasattr(getattr(blk, ls), 'gamma'):
+            plan[f'{p}.{ls}.gamma'] = [(0, embed)]
+    _linear_plan(plan, f'{p}.mlp.fc1', blk.mlp.fc1, sel.mlp, embed)
+    if not isinstance(blk.mlp.norm, nn.Identity):
+        _norm_plan(plan, f'{p}.mlp.norm', blk.mlp.norm, sel.mlp)
+    _linear_plan(plan, f'{p}.mlp.fc2', blk.mlp.fc2, embed, sel.mlp)
+    return plan
+
+
+def slice_plan(model: nn.Module, sel: Selection) -> Plan:
+    plan = stem_and_head_plan(model, sel.embed)
+    for i, bs in enumerate(sel.blocks):
+        plan.update(block_plan(model, i, bs, sel.embed))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# architecture change (on a meta-device copy)
+
+def _resize_norm(mod: nn.Module, n: int) -> None:
+    if hasattr(mod, 'normalized_shape'):
+        mod.normalized_shape = (n,)
+    for p in ('weight', 'bias'):
+        t = getattr(mod, p, None)
+        if t is not None:
+            setattr(mod, p, nn.Parameter(torch.empty(n, device='meta', dtype=t.dtype), requires_grad=t.requires_grad))
+
+
+def _new_linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
+    return nn.Linear(in_f, out_f, bias=old.bias is not None, device='meta', dtype=old.weight.dtype)
+
+
+def _new_param(old: torch.Tensor, shape) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device='meta', dtype=old.dtype), requires_grad=old.requires_grad)
+
+
+def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
+    """Turn a (meta-device) copy of the ORIGINAL model into the pruned architecture, in place.
+
+    Attention layers become PrunedAttention (original scale kept); Linear, Conv2d, norms, tokens and
+    LayerScale get their new sizes. Parameters are left on the meta device for the caller to assign.
+    """
+    D = dims.embed
+    orig = model_dims(model)
+    if len(dims.blocks) != len(orig.blocks):
+        raise ValueError(f'dims describe {len(dims.blocks)} blocks but the model has {len(orig.blocks)}')
+    pe = model.patch_embed
+    old = pe.proj
+    pe.proj = nn.Conv2d(old.in_channels, D, old.kernel_size, old.stride, old.padding, bias=old.bias is not None,
+                        device='meta', dtype=old.weight.dtype)
+    if not isinstance(getattr(pe, 'norm', nn.Identity()), nn.Identity):
+        _resize_norm(pe.norm, D)
+    for tok in ('cls_token', 'reg_token', 'dist_token', 'pos_embed'):
+        t = getattr(model, tok, None)
+        if t is not None:
+            setattr(model, tok, _new_param(t, (*t.shape[:2], D)))
+    for name in ('norm_pre', 'norm', 'fc_norm'):
+        mod = getattr(model, name, None)
+        if mod is not None and not isinstance(mod, nn.Identity):
+            _resize_norm(mod, D)
+    for name in ('head', 'head_dist'):
+        mod = getattr(model, name, None)
+        if isinstance(mod, nn.Linear):
+            setattr(model, name, _new_linear(mod, D, mod.out_features))
+    for i, (blk, bd, od) in enumerate(zip(model.blocks, dims.blocks, orig.blocks)):
+        if bd.heads != od.heads:
+            raise ValueError(f'blocks.{i}: head pruning is not supported by this adapter ({od.heads} -> {bd.heads})')
+        for lim, val, what in ((od.qk, bd.qk, 'qk'), (od.v, bd.v, 'v'), (od.mlp, bd.mlp, 'mlp')):
+            if not 1 <= val <= lim:
+                raise ValueError(f'blocks.{i}: {what} width {val} outside [1, {lim}]')
+        _resize_norm(blk.norm1, D)
+        _resize_norm(blk.norm2, D)
+        a = blk.attn
+        q_norm = a.q_norm if not isinstance(a.q_norm, nn.Identity) else None
+        k_norm = a.k_norm if not isinstance(a.k_norm, nn.Identity) else None
+        if (q_norm is not None or k_norm is not None) and bd.qk != od.qk:
+            raise ValueError(f'blocks.{i}: q/k pruning of a model with qk_norm is not supported')
+        norm = None
+        if not isinstance(a.norm, nn.Identity):
+            norm = a.norm
+            _resize_norm(norm, bd.heads * bd.v)
+        gate = getattr(a, 'gate', None)
+        blk.attn = PrunedAttention(
+            D, bd.heads, bd.qk, bd.v, scale=float(a.scale), qkv_bias=a.qkv.bias is not None,
+            proj_bias=a.proj.bias is not None, q_norm=q_norm, k_norm=k_norm, norm=norm,
+            gate_bias=None if gate is None else gate.bias is not None, attn_drop=a.attn_drop.p,
+            proj_drop=a.proj_drop.p, device='meta', dtype=a.qkv.weight.dtype)
+        for ls in ('ls1', 'ls2'):
+            mod = getattr(blk, ls)
+            if hasattr(mod, 'gamma'):
+                mod.gamma = _new_param(mod.gamma, (D,))
+        mlp = blk.mlp
+        mlp.fc1 = _new_linear(mlp.fc1, D, bd.mlp)
+        if not isinstance(mlp.norm, nn.Identity):
+            _resize_norm(mlp.norm, bd.mlp)
+        mlp.fc2 = _new_linear(mlp.fc2, bd.mlp, D)
+    model.embed_dim = model.num_features = D
+    if hasattr(model, 'head_hidden_size'):
+        model.head_hidden_size = D
+    for fi in getattr(model, 'feature_info', []) or []:
+        if isinstance(fi, dict) and 'num_chs' in fi:
+            fi['num_chs'] = D
+    return model

@@ -1,0 +1,25 @@
+"""The SNP authors' per-block pruning ratios (fraction removed), shipped as named presets.
+
+    deit_tiny_patch16_224         0.6 GMACs  (0.638 with per-head rounding)
+    deit_small_patch16_224        2.0 GMACs  (2.037)
+    deit_small_patch16_224_1p3G   1.3 GMACs  (1.265)
+    deit_base_patch16_224         6.4 GMACs  (6.322; SNP alone)
+"""
+import json
+from importlib import resources
+from typing import List
+
+__all__ = ['list_presets', 'load_preset']
+
+
+def list_presets() -> List[str]:
+    files = resources.files('snp_fast').joinpath('presets')
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith('.json'))
+
+
+def load_preset(name: str) -> dict:
+    """A preset as {'model', 'blocks': [{'qk', 'v', 'mlp'}], 'embed', ...}."""
+    if name not in list_presets():
+        raise ValueError(f'unknown preset {name!r}; available: {list_presets()}')
+    with resources.files('snp_fast').joinpath('presets', f'{name}.json').open() as f:
+        return json.load(f)

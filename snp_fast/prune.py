@@ -1,0 +1,458 @@
+"""SNP pruning of a timm VisionTransformer into a real, smaller model (SNP.md).
+
+Pipeline (one pass over the original model, block by block, on the calibration images):
+  1. the residual-stream (embedding) selection, shared by all blocks, from the weights (or from one
+     extra forward pass for the "activation" criterion); the pruned model's skeleton is built on the
+     meta device and its stem and head are sliced;
+  2. for block b: run the ORIGINAL block on its calibration hidden states X, capturing q/k and the
+     outputs of qkv, proj, fc1 and fc2; score and select q/k pairs, v and fc1 filters; slice the
+     block; then (re-fit on) re-fit qkv, proj, fc1 and fc2 in that order, each from the PRUNED
+     model's own inputs (hidden states X') to the original outputs at the kept rows; advance X, X';
+  3. re-fit the classifier head(s) from the pruned features to the original logits.
+Memory: one block's activations plus the two sets of calibration hidden states.
+
+This is SNP.md's "one pass for the scores, then block by block" with the two passes merged: block b's
+Q/K scores only need block b's own q and k, so the original model runs once.
+"""
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import __version__, ops
+from .macs import count_macs, count_params, meta_copy
+from .models import vit
+from .models.vit import BlockSelection, ModelDims, Selection
+from .ratios import resolve_ratios, target_dims
+from .refit import DEFAULT_DAMP, LinearFit, RefitStats
+from .scores import (EMBED_CRITERIA, QK_CRITERIA, ROW_CRITERIA, check_criterion, qk_magnitude, row_scores,
+                     select_per_head, select_top, tss_average)
+
+__all__ = ['prune', 'PruneReport', 'RECIPE_FORMAT']
+
+RECIPE_FORMAT = 'snp_fast.recipe/1'
+PHASES = ('calibration', 'qk_scoring', 'selection', 'slicing', 'refit', 'rebuild')
+
+
+@dataclass
+class PruneReport:
+    """What prune() did: sizes before/after, per-block widths, time per phase, re-fit errors."""
+    dims_before: ModelDims
+    dims_after: ModelDims
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    times: Dict[str, float]
+    settings: dict
+    refit: Dict[str, RefitStats] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {'dims_before': self.dims_before.to_dict(), 'dims_after': self.dims_after.to_dict(),
+                'params_before': self.params_before, 'params_after': self.params_after,
+                'macs_before': self.macs_before, 'macs_after': self.macs_after, 'times': dict(self.times),
+                'settings': dict(self.settings), 'refit': {k: v.to_dict() for k, v in self.refit.items()},
+                'notes': list(self.notes)}
+
+    def summary(self) -> str:
+        b, a = self.dims_before, self.dims_after
+        lines = [f'params {self.params_before / 1e6:.2f}M -> {self.params_after / 1e6:.2f}M '
+                 f'({self.params_after / self.params_before:.1%}),  '
+                 f'MACs {self.macs_before / 1e9:.3f}G -> {self.macs_after / 1e9:.3f}G '
+                 f'({self.macs_after / self.macs_before:.1%}),  embed {b.embed} -> {a.embed}',
+                 f'{"block":>5} {"heads":>5} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
+        for i, (x, y) in enumerate(zip(b.blocks, a.blocks)):
+            lines.append(f'{i:>5} {y.heads:>5} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} {x.mlp:>4} -> {y.mlp:<5}')
+        total = sum(self.times.values())
+        lines.append('time: ' + ', '.join(f'{k} {v:.2f}s' for k, v in self.times.items() if v > 0)
+                     + f'; total {total:.2f}s')
+        if self.refit:
+            worst = max(self.refit.items(), key=lambda kv: kv[1].err_refit)
+            lines.append(f're-fit: {len(self.refit)} layers, worst relative error {worst[1].err_refit:.3g} '
+                         f'({worst[0]}, {worst[1].err_sliced:.3g} before)')
+        lines += [f'note: {n}' for n in self.notes]
+        return '\n'.join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class _Timer:
+    def __init__(self):
+        self.times = {p: 0.0 for p in PHASES}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+# input checks
+
+def _check_calib(model: nn.Module, calib) -> torch.Tensor:
+    if not isinstance(calib, torch.Tensor):
+        raise TypeError(f'calib must be a float tensor of images (B, C, H, W), got {type(calib).__name__}')
+    if calib.dim() != 4 or not calib.is_floating_point() or calib.shape[0] < 1:
+        raise ValueError(f'calib must be a float tensor of images (B, C, H, W), got {calib.dtype} '
+                         f'{tuple(calib.shape)}')
+    c = getattr(model, 'in_chans', calib.shape[1])
+    if calib.shape[1] != c:
+        raise ValueError(f'calib has {calib.shape[1]} channels but the model takes {c}')
+    img = tuple(getattr(model.patch_embed, 'img_size', None) or calib.shape[2:])
+    if not getattr(model, 'dynamic_img_size', False) and tuple(calib.shape[2:]) != img:
+        raise ValueError(f'calib images are {tuple(calib.shape[2:])} but the model takes {img}')
+    if not torch.isfinite(calib).all():
+        raise ValueError('calib contains NaN or Inf values')
+    return calib
+
+
+def _finite(t: torch.Tensor, where: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(f'non-finite activations (NaN/Inf) at {where}; check the model weights and '
+                                 'calibration images')
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# running pieces of the model on the calibration set, in chunks of images
+
+def _chunks(x: torch.Tensor, size: int):
+    for s in range(0, x.shape[0], size):
+        yield x[s:s + size]
+
+
+@torch.no_grad()
+def _prefix(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """Hidden states entering the first block."""
+    out = []
+    for x in _chunks(images, batch):
+        x = model.patch_embed(x)
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        out.append(model.norm_pre(x))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, Tuple[nn.Module, str]], batch: int):
+    """module(x) in chunks; returns (output, {name: captured 'in'put or 'out'put of a submodule})."""
+    store = defaultdict(list)
+    handles = []
+    for name, (sub, which) in taps.items():
+        def hook(_m, inp, out, name=name, which=which):
+            store[name].append(inp[0] if which == 'in' else out)
+        handles.append(sub.register_forward_hook(hook))
+    try:
+        outs = [module(c) for c in _chunks(x, batch)]
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(outs), {k: torch.cat(v) for k, v in store.items()}
+
+
+def _apply(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(c) for c in _chunks(x, batch)])
+
+
+def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor], like: Dict[str, torch.Tensor]) -> None:
+    """Put sliced tensors into the (meta) skeleton as its parameters."""
+    for name, t in tensors.items():
+        mod_name, _, leaf = name.rpartition('.')
+        mod = model.get_submodule(mod_name) if mod_name else model
+        setattr(mod, leaf, nn.Parameter(t, requires_grad=like[name].requires_grad))
+
+
+def _slice_into(pruned: nn.Module, model: nn.Module, plan: vit.Plan, names: List[str], backend: str) -> None:
+    """The one slicing routine: every tensor in `names`, sliced by `plan` (or copied), in one call."""
+    src = dict(model.named_parameters())
+    sliced = [n for n in names if n in plan]
+    out = ops.gather_slices([src[n].detach() for n in sliced], [plan[n] for n in sliced], backend=backend)
+    tensors = dict(zip(sliced, out))
+    for n in names:
+        if n not in plan:
+            tensors[n] = src[n].detach().clone()
+    _assign(pruned, tensors, src)
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding (residual-stream) selection
+
+def _embed_scores(model: nn.Module, criterion: str, calib: Optional[torch.Tensor], batch: int,
+                  backend: str) -> torch.Tensor:
+    if criterion == 'activation':
+        if calib is None:
+            raise ValueError('embed_criterion="activation" needs calibration images')
+        x = _prefix(model, calib, batch)
+        per_block = []
+        for i, blk in enumerate(model.blocks):
+            x = _finite(_apply(blk, x, batch), f'the output of blocks.{i} of the original model')
+            per_block.append(x.float().pow(2).sum(dim=(0, 1)).sqrt())
+        return tss_average(per_block)
+    producers = [model.patch_embed.proj.weight.flatten(1)]
+    for blk in model.blocks:
+        producers += [blk.attn.proj.weight, blk.mlp.fc2.weight]
+    return tss_average([row_scores(w, criterion, backend=backend) for w in producers])
+
+
+# ------------------------------------------------------------------------------------------------
+
+def prune(
+        model: nn.Module,
+        calib: Optional[torch.Tensor] = None,
+        ratios: Union[float, dict, str, None] = None,
+        *,
+        preset: Optional[str] = None,
+        qk_criterion: str = 'snp',
+        v_criterion: str = 'redundancy',
+        mlp_criterion: str = 'redundancy',
+        embed_criterion: str = 'redundancy',
+        gamma: Optional[int] = None,
+        refit: bool = True,
+        damp: float = DEFAULT_DAMP,
+        refit_tokens: Optional[int] = None,
+        batch_size: int = 32,
+        backend: str = 'auto',
+        timm_name: Optional[str] = None,
+        timm_kwargs: Optional[dict] = None,
+) -> Tuple[nn.Module, PruneReport]:
+    """Prune a timm VisionTransformer with SNP; returns (a new, smaller model, a PruneReport).
+
+    The original model is left untouched.
+
+    Args:
+        model: a timm VisionTransformer (vit_*, deit_*, deit3_*, *_distilled, register tokens, ...).
+        calib: calibration images (B, C, H, W), preprocessed as for the model. Needed for the "snp"
+            Q/K criterion, "activation" criteria and the re-fit; 16-64 images are typical.
+        ratios: fraction of dims REMOVED: a float (q/k, v, fc1 and embedding alike), a dict
+            {'qk', 'v', 'mlp', 'embed'} for every block, {'blocks': [...], 'embed'} per block, or a
+            preset name (see snp_fast.list_presets()).
+        preset: a preset name (alternative to `ratios`).
+        qk_criterion: "snp" (attention-score preservation) or "magnitude".
+        v_criterion, mlp_criterion: "redundancy" (the paper's), "magnitude" or "activation".
+        embed_criterion: "redundancy" (TSS-averaged over the stream's producers), "magnitude" or
+            "activation".
+        gamma: singular components preserved by the "snp" criterion (default: the q/k dims each head
+            keeps in that block).
+        refit: re-fit every pruned Linear to the original outputs by least squares (needs calib).
+        damp: ridge strength of the re-fit, relative to the mean diagonal of the Gram matrix.
+        refit_tokens: at most this many calibration tokens (sampled, seeded) per Gram matrix; None = all.
+        batch_size: images per chunk when running the model on the calibration set.
+        backend: kernel backend, "auto" | "reference" | "cpu" | "cuda" | "triton".
+        timm_name, timm_kwargs: how to rebuild the unpruned architecture with timm.create_model, for
+            save_pruned/load_pruned (default: inferred from the model).
+    """
+    if (ratios is None) == (preset is None):
+        raise ValueError('give exactly one of ratios= or preset=')
+    check_criterion('qk_criterion', qk_criterion, QK_CRITERIA)
+    check_criterion('v_criterion', v_criterion, ROW_CRITERIA)
+    check_criterion('mlp_criterion', mlp_criterion, ROW_CRITERIA)
+    check_criterion('embed_criterion', embed_criterion, EMBED_CRITERIA)
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    if gamma is not None and gamma < 1:
+        raise ValueError(f'gamma must be >= 1, got {gamma}')
+    vit.check_supported(model)
+    needs_data = refit or 'snp' == qk_criterion or 'activation' in (v_criterion, mlp_criterion, embed_criterion)
+    if needs_data and calib is None:
+        raise ValueError('calibration images are needed (calib=...) for the re-fit, the "snp" Q/K criterion and '
+                         '"activation" criteria; pass refit=False and weight-only criteria to prune without data')
+    device = next(model.parameters()).device
+    if calib is not None:
+        calib = _check_calib(model, calib).to(device=device, dtype=next(model.parameters()).dtype)
+
+    timer = _Timer()
+    notes: List[str] = []
+    dims_before = vit.model_dims(model)
+    spec = resolve_ratios(preset if preset is not None else ratios, len(dims_before.blocks))
+    dims_after = target_dims(dims_before, spec, notes)
+    if vit.has_qk_norm(model) and any(a.qk != b.qk for a, b in zip(dims_after.blocks, dims_before.blocks)):
+        raise ValueError('this model normalises q and k per head (qk_norm), so q/k dims cannot be pruned; set the '
+                         'qk ratios to 0 (v, fc1 and embedding pruning remain available)')
+    if timm_name is None:
+        from .io import infer_timm_config
+        timm_name, timm_kwargs = infer_timm_config(model, timm_kwargs)
+
+    was_training = model.training
+    model.eval()
+    try:
+        pruned, selection, refit_stats = _prune(
+            model, calib, dims_before, dims_after, timer, qk_criterion=qk_criterion, v_criterion=v_criterion,
+            mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, gamma=gamma, refit=refit, damp=damp,
+            refit_tokens=refit_tokens, batch=batch_size, backend=backend)
+    finally:
+        model.train(was_training)
+    pruned.train(was_training)
+
+    settings = dict(ratios=spec, preset=preset, qk_criterion=qk_criterion, v_criterion=v_criterion,
+                    mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, gamma=gamma, refit=refit,
+                    damp=damp, refit_tokens=refit_tokens, calib_images=0 if calib is None else calib.shape[0],
+                    backend=backend)
+    pruned.snp_recipe = {
+        'format': RECIPE_FORMAT, 'snp_fast_version': __version__, 'family': 'vit',
+        'timm_name': timm_name, 'timm_kwargs': timm_kwargs,
+        'dims_before': dims_before.to_dict(), 'dims_after': dims_after.to_dict(),
+        'selection': selection.to_dict(), 'settings': settings,
+    }
+    report = PruneReport(dims_before, dims_after, count_params(model), count_params(pruned),
+                         count_macs(model), count_macs(pruned), timer.times, settings, refit_stats, notes)
+    return pruned, report
+
+
+def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_criterion, mlp_criterion,
+           embed_criterion, gamma, refit, damp, refit_tokens, batch, backend):
+    n_embed = dims_before.embed
+    with timer('selection'):
+        if dims_after.embed < n_embed:
+            embed = select_top(_embed_scores(model, embed_criterion, calib, batch, backend), dims_after.embed)
+        else:
+            embed = torch.arange(n_embed)
+    with timer('rebuild'):
+        pruned = vit.apply_dims(meta_copy(model), dims_after)
+    plan = vit.stem_and_head_plan(model, embed)
+    block_names = {n for n, _ in model.named_parameters() if n.startswith('blocks.')}
+    with timer('slicing'):
+        _slice_into(pruned, model, plan, [n for n, _ in model.named_parameters() if n not in block_names], backend)
+    for name, buf in model.named_buffers():  # buffers (if any) are not pruned: copy them over
+        mod_name, _, leaf = name.rpartition('.')
+        (pruned.get_submodule(mod_name) if mod_name else pruned).register_buffer(leaf, buf.clone())
+
+    x = xp = None
+    if calib is not None:
+        with timer('calibration'):
+            x = _prefix(model, calib, batch)
+        if refit:
+            with timer('refit'):
+                xp = _prefix(pruned, calib, batch)
+    gen = torch.Generator().manual_seed(0)
+    stats: Dict[str, RefitStats] = {}
+    selections: List[BlockSelection] = []
+    for i, (ob, pb) in enumerate(zip(model.blocks, pruned.blocks)):
+        bd, od = dims_after.blocks[i], dims_before.blocks[i]
+        H, d = od.heads, od.qk
+        cap = {}
+        if x is not None:
+            with timer('calibration'):
+                taps = {'qkv': (ob.attn.qkv, 'out'), 'proj_out': (ob.attn.proj, 'out'),
+                        'fc1': (ob.mlp.fc1, 'out'), 'fc2_in': (ob.mlp.fc2, 'in'), 'fc2_out': (ob.mlp.fc2, 'out')}
+                x_next, cap = _run_captured(ob, x, taps, batch)
+                _finite(x_next, f'the output of blocks.{i} of the original model')
+        with timer('qk_scoring'):
+            if bd.qk == d:
+                qk_sel = torch.arange(d).expand(H, d).clone()
+            elif qk_criterion == 'snp':
+                q, k = _split_qk(ob.attn, cap['qkv'], H, d)
+                s = sum(ops.qk_scores(qc, kc, gamma or bd.qk, backend=backend)
+                        for qc, kc in zip(_chunks(q, batch), _chunks(k, batch)))
+                qk_sel = select_per_head(s, bd.qk)
+            else:
+                qk_sel = select_per_head(qk_magnitude(ob.attn.qkv.weight, H, d), bd.qk)
+        with timer('selection'):
+            if bd.v == d:
+                v_sel = torch.arange(d).expand(H, d).clone()
+            else:
+                v_w = ob.attn.qkv.weight[2 * H * d:]
+                act = cap['qkv'][..., 2 * H * d:].float().pow(2).sum(dim=(0, 1)) if v_criterion == 'activation' else None
+                v_sel = select_per_head(row_scores(v_w, v_criterion, act, backend).view(H, d), bd.v)
+            if bd.mlp == od.mlp:
+                m_sel = torch.arange(od.mlp)
+            else:
+                act = cap['fc2_in'].float().pow(2).sum(dim=(0, 1)) if mlp_criterion == 'activation' else None
+                m_sel = select_top(row_scores(ob.mlp.fc1.weight, mlp_criterion, act, backend), bd.mlp)
+        sel = BlockSelection(qk_sel, v_sel, m_sel)
+        selections.append(sel)
+        bplan = vit.block_plan(model, i, sel, embed)
+        with timer('slicing'):
+            _slice_into(pruned, model, bplan, sorted(n for n in block_names if n.startswith(f'blocks.{i}.')), backend)
+        if refit:
+            with timer('refit'):
+                xp = _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, backend, stats, i)
+        x = x_next if x is not None else None
+        cap.clear()
+    if refit:
+        with timer('refit'):
+            _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, backend, stats)
+    leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f'internal error: parameters left unassigned after pruning: {leftover[:5]}')
+    return pruned, Selection(embed, selections), stats
+
+
+def _split_qk(attn: nn.Module, qkv: torch.Tensor, H: int, d: int):
+    B, N, _ = qkv.shape
+    qkv = qkv.view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    with torch.no_grad():
+        return attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+
+
+def _token_subset(n: int, budget: Optional[int], gen: torch.Generator) -> Optional[torch.Tensor]:
+    if budget is None or budget >= n:
+        return None
+    return torch.randperm(n, generator=gen)[:budget].sort().values
+
+
+def _fit(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, rows: Optional[torch.Tensor], damp: float,
+         backend: str) -> RefitStats:
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    if rows is not None:
+        rows = rows.to(x.device)
+        x, y = x.index_select(0, rows), y.index_select(0, rows)
+    fit = LinearFit(layer, backend=backend)
+    fit.add(x, y)
+    return fit.solve(damp)
+
+
+@torch.no_grad()
+def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, backend, stats, i):
+    """Sequential re-fit of one pruned block: qkv, proj, fc1, fc2 (SNP.md, "Compensation")."""
+    dev = xp.device
+    e = embed.to(dev)
+    rows = _token_subset(xp.shape[0] * xp.shape[1], refit_tokens, gen)
+    q_rows = vit._head_rows(sel.qk, d)
+    qkv_rows = torch.cat([q_rows, q_rows + H * d, vit._head_rows(sel.v, d) + 2 * H * d]).to(dev)
+    p = f'blocks.{i}'
+
+    n1 = _apply(pb.norm1, xp, batch)
+    stats[f'{p}.attn.qkv'] = _fit(pb.attn.qkv, n1, cap['qkv'].index_select(-1, qkv_rows), rows, damp, backend)
+    _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in')}, batch)
+    stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap['proj_out'].index_select(-1, e), rows, damp, backend)
+    xp_mid = xp + _apply(lambda t: pb.ls1(pb.attn.proj(t)), c['ctx'], batch)
+    del n1, c
+    n2 = _apply(pb.norm2, xp_mid, batch)
+    stats[f'{p}.mlp.fc1'] = _fit(pb.mlp.fc1, n2, cap['fc1'].index_select(-1, sel.mlp.to(dev)), rows, damp, backend)
+    _, c = _run_captured(pb.mlp, n2, {'hidden': (pb.mlp.fc2, 'in')}, batch)
+    stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap['fc2_out'].index_select(-1, e), rows, damp, backend)
+    xp_out = xp_mid + _apply(lambda t: pb.ls2(pb.mlp.fc2(t)), c['hidden'], batch)
+    return _finite(xp_out, f'the output of blocks.{i} of the pruned model')
+
+
+@torch.no_grad()
+def _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, backend, stats):
+    names = [n for n in ('head', 'head_dist') if isinstance(getattr(model, n, None), nn.Linear)]
+    if not names:
+        return
+    head_fn = lambda m: (lambda t: m.forward_head(m.norm(t)))  # noqa: E731
+    _, orig = _run_captured(_Call(head_fn(model)), x, {n: (getattr(model, n), 'out') for n in names}, batch)
+    _, new = _run_captured(_Call(head_fn(pruned)), xp, {n: (getattr(pruned, n), 'in') for n in names}, batch)
+    for n in names:
+        rows = _token_subset(new[n].shape[0], refit_tokens, gen)
+        stats[n] = _fit(getattr(pruned, n), new[n], orig[n], rows, damp, backend)
+
+
+class _Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

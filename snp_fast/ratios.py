@@ -1,0 +1,82 @@
+"""Pruning ratios (fraction REMOVED) -> target widths.
+
+Accepted forms: a float (the same ratio for q/k, v, fc1 and the embedding), a dict
+{'qk', 'v', 'mlp', 'embed'} applied to every block, a dict {'blocks': [{'qk', 'v', 'mlp'}, ...],
+'embed'} with one entry per block (the presets' form), or a preset name.
+
+Counts: removed = floor(ratio · width + 0.5) per head (q/k, v) or per block (fc1) or per model
+(embedding); this per-head rounding reproduces the MACs quoted for the authors' presets. A ratio that
+would remove every dim of a head keeps one (never zero): the count is clamped and a warning says so.
+"""
+import math
+import warnings
+from typing import Dict, List, Union
+
+from .models.vit import BlockDims, ModelDims
+from .presets import list_presets, load_preset
+
+__all__ = ['resolve_ratios', 'target_dims', 'keep_count']
+
+RatioSpec = Union[float, str, Dict]
+_KEYS = ('qk', 'v', 'mlp')
+
+
+def _check(value, where: str) -> float:
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'ratio {where} must be a number in [0, 1), got {value!r}') from None
+    if not (0.0 <= r < 1.0) or math.isnan(r):
+        raise ValueError(f'ratio {where} = {r} is outside [0, 1) (it is the fraction of dims REMOVED)')
+    return r
+
+
+def resolve_ratios(spec: RatioSpec, depth: int) -> Dict:
+    """Normalise any accepted form to {'blocks': [{'qk','v','mlp'}] * depth, 'embed'}."""
+    if isinstance(spec, str):
+        if spec not in list_presets():
+            raise ValueError(f'unknown preset {spec!r}; available: {list_presets()}')
+        spec = load_preset(spec)
+    if isinstance(spec, (int, float)):
+        r = _check(spec, 'ratios')
+        return {'blocks': [dict(qk=r, v=r, mlp=r) for _ in range(depth)], 'embed': r}
+    if not isinstance(spec, dict):
+        raise ValueError(f'ratios must be a float, a dict or a preset name, got {type(spec).__name__}')
+    embed = _check(spec.get('embed', 0.0), 'embed')
+    if 'blocks' in spec:
+        blocks = spec['blocks']
+        if len(blocks) != depth:
+            raise ValueError(f'ratios give {len(blocks)} blocks but the model has {depth}')
+        out = []
+        for i, b in enumerate(blocks):
+            unknown = set(b) - set(_KEYS)
+            if unknown:
+                raise ValueError(f'ratios blocks[{i}] has unknown keys {sorted(unknown)}; expected {list(_KEYS)}')
+            out.append({k: _check(b.get(k, 0.0), f'blocks[{i}].{k}') for k in _KEYS})
+        return {'blocks': out, 'embed': embed}
+    unknown = set(spec) - set(_KEYS) - {'embed'}
+    if unknown:
+        raise ValueError(f'ratios has unknown keys {sorted(unknown)}; expected {list(_KEYS) + ["embed"]} or "blocks"')
+    per = {k: _check(spec.get(k, 0.0), k) for k in _KEYS}
+    return {'blocks': [dict(per) for _ in range(depth)], 'embed': embed}
+
+
+def keep_count(width: int, ratio: float, where: str, notes: List[str]) -> int:
+    keep = width - int(math.floor(ratio * width + 0.5))
+    if keep < 1:
+        msg = f'{where}: ratio {ratio} would remove all {width} dims; keeping 1'
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
+        keep = 1
+    return keep
+
+
+def target_dims(orig: ModelDims, ratios: Dict, notes: List[str]) -> ModelDims:
+    blocks = []
+    for i, (b, r) in enumerate(zip(orig.blocks, ratios['blocks'])):
+        blocks.append(BlockDims(
+            heads=b.heads,
+            qk=keep_count(b.qk, r['qk'], f'blocks.{i} q/k per head', notes),
+            v=keep_count(b.v, r['v'], f'blocks.{i} v per head', notes),
+            mlp=keep_count(b.mlp, r['mlp'], f'blocks.{i} fc1', notes)))
+    return ModelDims(keep_count(orig.embed, ratios['embed'], 'embedding', notes), blocks)

@@ -1,0 +1,118 @@
+"""Least-squares re-fit of a pruned Linear to the original layer's outputs (SNP.md, "Compensation").
+
+For inputs X_S (the kept input columns, plus a ones column for the bias) and targets Y (the original
+layer's outputs at the kept output rows), the re-fit solves
+
+    W' = argmin ‖X_S Wᵀ − Y‖² + λ ‖W − W_S‖²,   λ = damp · mean(diag(X_Sᵀ X_S)),
+
+i.e. Wᵀ = (X_Sᵀ X_S + λI)⁻¹ (X_Sᵀ Y + λ W_Sᵀ), with W_S the sliced weights. Damping towards W_S (not
+towards 0) means that with nothing pruned the layer comes back unchanged, and that the calibration
+error can never exceed that of plain slicing (W_S is a feasible point of the same objective). The
+Gram matrix streams in over calibration batches (a symmetric rank-k update, ops.gram) in fp32; the
+solve runs in fp64 by Cholesky.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+__all__ = ['LinearFit', 'RefitStats', 'DEFAULT_DAMP']
+
+DEFAULT_DAMP = 1e-4
+
+
+@dataclass
+class RefitStats:
+    tokens: int
+    err_sliced: float   # relative squared error ‖X W_Sᵀ − Y‖² / ‖Y‖² on the calibration tokens
+    err_refit: float    # the same after the re-fit
+
+    def to_dict(self) -> dict:
+        return {'tokens': self.tokens, 'err_sliced': self.err_sliced, 'err_refit': self.err_refit}
+
+
+class LinearFit:
+    """Accumulates XᵀX, XᵀY and ‖Y‖² for one Linear, then re-fits it in place."""
+
+    def __init__(self, layer: nn.Linear, backend: str = 'auto'):
+        self.layer = layer
+        self.backend = backend
+        self.bias = layer.bias is not None
+        n_in = layer.in_features + (1 if self.bias else 0)
+        dev = layer.weight.device
+        self.xtx = torch.zeros(layer.in_features, layer.in_features, device=dev, dtype=torch.float32)
+        self.xsum = torch.zeros(layer.in_features, device=dev, dtype=torch.float64)
+        self.xty = torch.zeros(n_in, layer.out_features, device=dev, dtype=torch.float64)
+        self.yy = torch.zeros((), device=dev, dtype=torch.float64)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch: x (..., in_features) pruned-model inputs, y (..., out_features) targets."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        y = y.reshape(-1, y.shape[-1]).float()
+        if x.shape[0] != y.shape[0] or x.shape[1] != self.layer.in_features or y.shape[1] != self.layer.out_features:
+            raise ValueError(f'LinearFit.add: inputs {tuple(x.shape)} / targets {tuple(y.shape)} do not fit a '
+                             f'Linear({self.layer.in_features}, {self.layer.out_features})')
+        ops.gram(x, out=self.xtx, backend=self.backend)
+        self.xsum += x.sum(0, dtype=torch.float64)
+        xty = (x.t() @ y).double()
+        if self.bias:
+            xty = torch.cat([xty, y.sum(0, dtype=torch.float64).unsqueeze(0)])
+        self.xty += xty
+        self.yy += (y.double() ** 2).sum()
+        self.tokens += x.shape[0]
+
+    def _gram(self) -> torch.Tensor:
+        g = self.xtx.double()
+        if not self.bias:
+            return g
+        n = g.shape[0]
+        full = g.new_empty(n + 1, n + 1)
+        full[:n, :n] = g
+        full[n, :n] = full[:n, n] = self.xsum
+        full[n, n] = self.tokens
+        return full
+
+    def _weights(self) -> torch.Tensor:
+        w = self.layer.weight.detach().double()
+        if self.bias:
+            w = torch.cat([w, self.layer.bias.detach().double().unsqueeze(1)], dim=1)
+        return w  # (out, in[+1])
+
+    def _error(self, g: torch.Tensor, w: torch.Tensor) -> float:
+        err = ((w @ g) * w).sum() - 2 * (w * self.xty.t()).sum() + self.yy
+        return float(err.clamp_min(0) / self.yy.clamp_min(torch.finfo(torch.float64).tiny))
+
+    @torch.no_grad()
+    def solve(self, damp: float = DEFAULT_DAMP) -> RefitStats:
+        """Re-fit the layer in place; returns calibration errors before and after."""
+        if self.tokens == 0:
+            raise RuntimeError('LinearFit.solve called before any calibration batch was added')
+        if damp < 0:
+            raise ValueError(f'damp must be >= 0, got {damp}')
+        g = self._gram()
+        w0 = self._weights()
+        scale = g.diagonal().mean().clamp_min(1e-12)
+        lam = damp * scale
+        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        rhs = self.xty + lam * w0.t()
+        w = None
+        for jitter in (0.0, 1e-10, 1e-8, 1e-6):
+            chol, info = torch.linalg.cholesky_ex(g + (lam + jitter * scale) * eye)
+            if int(info) == 0:
+                w = torch.cholesky_solve(rhs, chol).t()
+                break
+        if w is None:  # numerically singular even with jitter: least-norm solution
+            w = torch.linalg.lstsq(g + lam * eye, rhs).solution.t()
+        before, after = self._error(g, w0), self._error(g, w)
+        if not torch.isfinite(w).all() or after > before:  # never worse than plain slicing
+            w, after = w0, before
+        n_in = self.layer.in_features
+        self.layer.weight.data.copy_(w[:, :n_in].to(self.layer.weight.dtype))
+        if self.bias:
+            self.layer.bias.data.copy_(w[:, n_in].to(self.layer.bias.dtype))
+        return RefitStats(self.tokens, before, after)
