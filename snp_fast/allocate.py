@@ -1,0 +1,219 @@
+"""Automatic per-block allocation: pruning ratios that reach a MACs (--flops) or parameter (--params) target.
+
+The rule (one global knob, like the authors' hand-made presets, which prune deeper blocks more):
+
+    t_i      = i / (depth - 1)                  position of block i (0 = first block, 1 = last)
+    qk_i(s)  = min(0.9, s * (0.6 + 0.2 * t_i))  fraction of query/key dims removed per head
+    v_i(s)   = min(0.9, s * (0.2 + 0.6 * t_i))  fraction of value dims removed per head
+    mlp_i(s) = min(0.9, s * (0.2 + 0.6 * t_i))  fraction of fc1 neurons removed
+    embed(s) = min(0.5, s * 0.2)                fraction of residual-stream channels removed
+
+At s = 1 this is close to the authors' DeiT-S 2.0 GMACs setting (q/k 0.61 -> 0.8, v and fc1 0.2 ->
+0.8, embedding 0.2). Every ratio grows with s, so the model's MACs (or parameters) fall monotonically
+with s, and s is found by bisection on [0, S_MAX]; the closest setting found must be within `tol`
+(default 2 %) of the target, else an error says what is reachable. Widths are counted exactly as
+prune() counts them (snp_fast.ratios.target_dims, per-head rounding), optionally rounded to multiples
+of `round_to` (see round_dims), and the MACs are counted by snp_fast.count_macs on a meta-device copy
+(no compute, no memory), so the achieved value equals what prune() reports.
+
+"MACs" are multiply-accumulates of one image at the model's input size, the unit of the paper's
+"GFLOPs" (DeiT-S: 4.6 G).
+"""
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+from .macs import count_macs, count_params, meta_copy
+from .models import vit
+from .models.vit import BlockDims, ModelDims
+from .ratios import resolve_ratios, target_dims
+
+__all__ = ['Allocation', 'allocate', 'profile_ratios', 'round_dims', 'ratios_for_dims', 'dims_cost',
+           'parse_quantity', 'format_quantity', 'MAX_RATIO', 'MAX_EMBED_RATIO', 'S_MAX']
+
+MAX_RATIO = 0.9        # never remove more than 90 % of a block's q/k, v or fc1 dims
+MAX_EMBED_RATIO = 0.5  # nor more than half of the residual stream
+S_MAX = 5.0            # at s = 5 every ratio has reached its cap
+PROFILE = {'qk': (0.6, 0.2), 'v': (0.2, 0.6), 'mlp': (0.2, 0.6), 'embed': 0.2}  # (at first block, added by last)
+
+_SUFFIX = {'': 1.0, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12}
+
+
+def parse_quantity(text: str, what: str = 'value') -> float:
+    """'2.0G' -> 2e9, '600M' -> 6e8, '22k' -> 2.2e4, '1.5e9' -> 1.5e9 (case-insensitive)."""
+    m = re.fullmatch(r'\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*', str(text))
+    if not m:
+        raise ValueError(f'{what} {text!r} is not a number with an optional K/M/G/T suffix (e.g. 2.0G, 600M)')
+    v = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if not v > 0 or math.isinf(v):
+        raise ValueError(f'{what} {text!r} must be positive')
+    return v
+
+
+def format_quantity(v: float) -> str:
+    for s, f in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(v) >= f:
+            return f'{v / f:.3f}{s}'
+    return f'{v:.0f}'
+
+
+def profile_ratios(s: float, depth: int) -> Dict:
+    """The allocation rule above, as a ratios dict {'blocks': [...], 'embed'} (fractions removed)."""
+    blocks = []
+    for i in range(depth):
+        t = i / (depth - 1) if depth > 1 else 1.0
+        blocks.append({k: min(MAX_RATIO, max(0.0, s * (a + b * t))) for k, (a, b) in
+                       ((k, PROFILE[k]) for k in ('qk', 'v', 'mlp'))})
+    return {'blocks': blocks, 'embed': min(MAX_EMBED_RATIO, max(0.0, s * PROFILE['embed']))}
+
+
+def _round_width(keep: int, width: int, n: int) -> int:
+    if n <= 1 or width < n or keep == width:
+        return keep
+    k = max(n, int(math.floor(keep / n + 0.5)) * n)
+    return k if k <= width else keep
+
+
+def round_dims(orig: ModelDims, dims: ModelDims, n: int) -> ModelDims:
+    """Kept widths rounded to the nearest multiple of n (at least n) where the original width allows it.
+
+    A width is left as is when the original is narrower than n, when nothing is pruned, or when the
+    rounded value would exceed the original width.
+    """
+    if n <= 1:
+        return dims
+    return ModelDims(
+        _round_width(dims.embed, orig.embed, n),
+        [BlockDims(b.heads, _round_width(b.qk, o.qk, n), _round_width(b.v, o.v, n), _round_width(b.mlp, o.mlp, n))
+         for b, o in zip(dims.blocks, orig.blocks)])
+
+
+def ratios_for_dims(orig: ModelDims, dims: ModelDims) -> Dict:
+    """The ratios dict that makes prune() produce exactly `dims` from a model of widths `orig`."""
+    spec = {'blocks': [{'qk': (o.qk - b.qk) / o.qk, 'v': (o.v - b.v) / o.v, 'mlp': (o.mlp - b.mlp) / o.mlp}
+                       for b, o in zip(dims.blocks, orig.blocks)],
+            'embed': (orig.embed - dims.embed) / orig.embed}
+    check = target_dims(orig, resolve_ratios(spec, len(orig.blocks)), [])
+    if check != dims:  # pragma: no cover - guards the rounding arithmetic of target_dims
+        raise RuntimeError(f'internal error: ratios {spec} give {check} instead of {dims}')
+    return spec
+
+
+def dims_cost(model: nn.Module, dims: ModelDims, metric: str = 'macs', input_size=None) -> int:
+    """MACs or parameters of `model` pruned to `dims`, computed on the meta device."""
+    m = vit.apply_dims(meta_copy(model), dims)
+    if metric == 'macs':
+        return count_macs(m, input_size)
+    if metric == 'params':
+        return count_params(m)
+    raise ValueError(f'metric must be "macs" or "params", got {metric!r}')
+
+
+@dataclass
+class Allocation:
+    """Per-block ratios reaching a target; `ratios` goes straight to snp_fast.prune(ratios=...)."""
+    metric: str
+    target: float
+    achieved: int
+    original: int
+    scale: float
+    dims: ModelDims
+    ratios: Dict
+    round_to: int = 1
+    evaluations: int = 0
+    history: List[Tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def rel_error(self) -> float:
+        return self.achieved / self.target - 1.0
+
+    def describe(self) -> str:
+        unit = 'MACs' if self.metric == 'macs' else 'params'
+        return (f'allocation: {unit} target {format_quantity(self.target)} -> {format_quantity(self.achieved)} '
+                f'({self.rel_error:+.2%}; unpruned {format_quantity(self.original)}), global scale s = {self.scale:.4f}'
+                + (f', widths rounded to multiples of {self.round_to}' if self.round_to > 1 else ''))
+
+    def to_dict(self) -> dict:
+        return {'metric': self.metric, 'target': self.target, 'achieved': self.achieved, 'original': self.original,
+                'rel_error': self.rel_error, 'scale': self.scale, 'round_to': self.round_to,
+                'rule': 'snp_fast.allocate.profile_ratios', 'dims': self.dims.to_dict(), 'ratios': self.ratios}
+
+
+def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: int = 1, tol: float = 0.02,
+             input_size=None, iters: int = 30) -> Allocation:
+    """Find s so that the model pruned with profile_ratios(s) has `target` MACs/params (within tol)."""
+    if metric not in ('macs', 'params'):
+        raise ValueError(f'metric must be "macs" or "params", got {metric!r}')
+    if round_to < 1:
+        raise ValueError(f'round_to must be >= 1, got {round_to}')
+    vit.check_supported(model)
+    meta = model if all(p.is_meta for p in model.parameters()) else meta_copy(model)
+    orig = vit.model_dims(meta)
+    depth = len(orig.blocks)
+    unit = 'MACs' if metric == 'macs' else 'parameters'
+    flag = '--flops' if metric == 'macs' else '--params'
+    cache: Dict[str, int] = {}
+    history: List[Tuple[float, int]] = []
+
+    def dims_at(s: float) -> ModelDims:
+        d = target_dims(orig, resolve_ratios(profile_ratios(s, depth), depth), [])
+        return round_dims(orig, d, round_to)
+
+    def cost(s: float) -> int:
+        d = dims_at(s)
+        key = repr(d.to_dict())
+        if key not in cache:
+            cache[key] = dims_cost(meta, d, metric, input_size)
+        history.append((s, cache[key]))
+        return cache[key]
+
+    original = dims_cost(meta, orig, metric, input_size)
+    if target > original * (1 + tol):
+        raise ValueError(f'{flag} target {format_quantity(target)} {unit} is above the unpruned model '
+                         f'({format_quantity(original)}): nothing to prune')
+    smallest = cost(S_MAX)
+    if target < smallest * (1 - tol):
+        raise ValueError(f'{flag} target {format_quantity(target)} {unit} is unreachable: the smallest model the '
+                         f'allocation rule makes ({MAX_RATIO:.0%} of q/k, v and fc1 dims and {MAX_EMBED_RATIO:.0%} of '
+                         f'the embedding removed) has {format_quantity(smallest)} (unpruned {format_quantity(original)})')
+    lo, hi = 0.0, S_MAX          # cost(lo) >= target >= cost(hi)
+    best = min(((0.0, original), (S_MAX, smallest)), key=lambda sc: abs(sc[1] - target))
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        c = cost(mid)
+        if abs(c - target) < abs(best[1] - target):
+            best = (mid, c)
+        if c > target:
+            lo = mid
+        else:
+            hi = mid
+        if abs(best[1] - target) <= 0.001 * target or hi - lo < 1e-6:
+            break
+    s, achieved = best
+    if abs(achieved / target - 1) > tol:
+        raise ValueError(f'{flag} target {format_quantity(target)} {unit} cannot be met within {tol:.0%}: the closest '
+                         f'setting has {format_quantity(achieved)}'
+                         + (f' (widths rounded to multiples of {round_to}; try a smaller --round-to)' if round_to > 1
+                            else ' (the model is too small for this granularity)'))
+    dims = dims_at(s)
+    return Allocation(metric, float(target), int(achieved), int(original), s, dims, ratios_for_dims(orig, dims),
+                      round_to, len(cache), history)
+
+
+def rounded_ratios(model: nn.Module, spec, round_to: int) -> Tuple[Dict, ModelDims]:
+    """Any ratios spec (float, dict, preset name) with its widths rounded to multiples of round_to."""
+    orig = vit.model_dims(model)
+    depth = len(orig.blocks)
+    dims = round_dims(orig, target_dims(orig, resolve_ratios(spec, depth), []), round_to)
+    return ratios_for_dims(orig, dims), dims
+
+
+def check_round_to(n: Optional[int]) -> int:
+    if n is None:
+        return 1
+    if n < 1:
+        raise ValueError(f'--round-to must be >= 1, got {n}')
+    return n

@@ -1,0 +1,135 @@
+"""Latency of an original vs a pruned model: eager PyTorch, optionally torch.compile and ONNX Runtime.
+
+    rows = snp_fast.bench.compare(original, pruned, batch_sizes=(1, 8), repeats=10, backends=('eager', 'onnx'))
+    print(snp_fast.bench.format_table(rows))
+
+Each measurement: `warmup` untimed calls, then the MEDIAN wall time of `repeats` timed calls on a
+fixed random input (latency does not depend on the weights or the image). Inference mode, eval().
+ONNX Runtime runs the model exported by snp_fast.export (CPU provider unless CUDA is available and the
+model is on a GPU), with the session's default thread settings.
+"""
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ['BACKENDS', 'time_call', 'latency', 'compare', 'format_table']
+
+BACKENDS = ('eager', 'compile', 'onnx')
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], repeats: int = 10, warmup: int = 3, device=None) -> float:
+    """Median seconds of `repeats` calls of fn() after `warmup` untimed calls."""
+    if repeats < 1:
+        raise ValueError(f'repeats must be >= 1, got {repeats}')
+    device = torch.device(device or 'cpu')
+    for _ in range(max(0, warmup)):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _input(model: nn.Module, batch: int, input_size=None) -> torch.Tensor:
+    from .macs import _input_size
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *(input_size or _input_size(model)), generator=g).to(p.device, p.dtype)
+
+
+class _OnnxRunner:
+    def __init__(self, model: nn.Module, example: torch.Tensor, tmpdir: str, name: str):
+        import onnxruntime as ort
+        from .export import export_onnx
+        path = os.path.join(tmpdir, f'{name}.onnx')
+        export_onnx(model, path, example=example[:1], verbose=False)
+        providers = ['CPUExecutionProvider']
+        if example.is_cuda and 'CUDAExecutionProvider' in ort.get_available_providers():
+            providers.insert(0, 'CUDAExecutionProvider')
+        self.session = ort.InferenceSession(path, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor):
+        return self.session.run(None, {self.input_name: x.detach().cpu().numpy()})
+
+
+def latency(model: nn.Module, batch_sizes: Sequence[int] = (1, 8), backend: str = 'eager', repeats: int = 10,
+            warmup: int = 3, input_size=None, tmpdir: Optional[str] = None, name: str = 'model') -> Dict[int, float]:
+    """{batch size: median seconds per forward pass} of `model` with one backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+    model = model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    with torch.inference_mode() if backend != 'onnx' else torch.no_grad():
+        if backend == 'eager':
+            fn = model
+        elif backend == 'compile':
+            fn = torch.compile(model, dynamic=False)
+        else:
+            with tempfile.TemporaryDirectory(dir=tmpdir) as d:
+                runner = _OnnxRunner(model, _input(model, 1, input_size), d, name)
+            fn = runner
+        for b in batch_sizes:
+            x = _input(model, b, input_size)
+            out[b] = time_call(lambda: fn(x), repeats, warmup + (2 if backend == 'compile' else 0), device)
+    return out
+
+
+def compare(original: nn.Module, pruned: Optional[nn.Module] = None, batch_sizes: Sequence[int] = (1, 8),
+            backends: Sequence[str] = ('eager',), repeats: int = 10, warmup: int = 3, input_size=None,
+            progress: bool = False) -> List[dict]:
+    """One row per (backend, batch size): original and pruned median latency (ms) and the speedup."""
+    from tqdm import tqdm
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f'backend must be one of {BACKENDS}, got {b!r}')
+    for b in batch_sizes:
+        if int(b) < 1:
+            raise ValueError(f'batch sizes must be >= 1, got {b}')
+    models = [('original', original)] + ([('pruned', pruned)] if pruned is not None else [])
+    results: Dict[tuple, float] = {}
+    jobs = [(be, name, m) for be in backends for name, m in models]
+    for be, name, m in tqdm(jobs, desc='latency', disable=not progress, leave=False):
+        for bs, t in latency(m, batch_sizes, be, repeats, warmup, input_size, name=name).items():
+            results[(be, name, bs)] = t
+    rows = []
+    for be in backends:
+        for bs in batch_sizes:
+            o = results[(be, 'original', bs)]
+            row = {'backend': be, 'batch': bs, 'original_ms': o * 1e3}
+            if pruned is not None:
+                p = results[(be, 'pruned', bs)]
+                row.update(pruned_ms=p * 1e3, speedup=o / p)
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: List[dict], macs_ratio: Optional[float] = None) -> str:
+    has_pruned = any('pruned_ms' in r for r in rows)
+    head = f'{"backend":<8} {"batch":>5} {"original ms":>12}'
+    if has_pruned:
+        head += f' {"pruned ms":>10} {"speedup":>8}'
+    lines = [head]
+    for r in rows:
+        line = f'{r["backend"]:<8} {r["batch"]:>5} {r["original_ms"]:>12.2f}'
+        if has_pruned:
+            line += f' {r["pruned_ms"]:>10.2f} {r["speedup"]:>7.2f}x'
+        lines.append(line)
+    if macs_ratio is not None:
+        lines.append(f'MACs ratio original/pruned: {macs_ratio:.2f}x (the ideal speedup)')
+    return '\n'.join(lines)

@@ -1,0 +1,69 @@
+"""ONNX export of (pruned) models, checked with ONNX Runtime.
+
+Uses torch.onnx.export's TorchScript exporter (dynamo=False): the dynamo exporter needs the onnxscript
+package, which is not a dependency and cannot be installed offline. Opset 17 by default (LayerNorm is a
+native op from 17 on); the batch dimension is dynamic. PrunedAttention's scaled_dot_product_attention
+call, with its explicit (original) scale, exports as MatMul/Softmax/MatMul.
+
+The file is written next to its destination and renamed into place, so a failed export leaves nothing.
+"""
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ['DEFAULT_OPSET', 'export_onnx', 'check_onnx']
+
+DEFAULT_OPSET = 17
+
+
+def export_onnx(model: nn.Module, path: str, example: Optional[torch.Tensor] = None, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = True, verbose: bool = False) -> str:
+    """Export `model` (eval mode) to `path`; returns the absolute path."""
+    from .bench import _input
+    if opset < 17:
+        raise ValueError(f'opset must be >= 17, got {opset}')
+    model = model.eval()
+    if example is None:
+        example = _input(model, 1)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.snp_fast_', suffix='.onnx', dir=parent)
+    os.close(fd)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
+            warnings.simplefilter('ignore')
+            torch.onnx.export(
+                model, (example,), tmp, dynamo=False, opset_version=opset, input_names=['image'],
+                output_names=['logits'], do_constant_folding=True,
+                dynamic_axes={'image': {0: 'batch'}, 'logits': {0: 'batch'}} if dynamic_batch else None)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def check_onnx(model: nn.Module, path: str, batch: int = 2, seed: int = 0) -> float:
+    """Max abs difference between ONNX Runtime (CPU) and PyTorch on a random input of `batch` images."""
+    import onnx
+    import onnxruntime as ort
+    from .macs import _input_size
+    onnx.checker.check_model(path)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *_input_size(model), generator=g)
+    model = model.eval()
+    p = next(model.parameters())
+    with torch.no_grad():
+        ref = model(x.to(p.device, p.dtype)).float().cpu()
+    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    return float((torch.from_numpy(out) - ref).abs().max())

@@ -1,0 +1,318 @@
+"""End-to-end tests of the snp-fast command line (python -m snp_fast ...), on a tiny timm ViT and deit_tiny.
+
+The happy paths run as subprocesses; the many bad-input cases call snp_fast.cli.main() in-process (the
+same code path, minus the interpreter start-up) and one of them also runs as a subprocess.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import snp_fast
+from snp_fast import allocate as al
+from snp_fast import cli
+from snp_fast.models.vit import BlockDims, ModelDims
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+TINY_NAME = 'vit_tiny_patch16_224'
+TINY_KW = json.dumps(TINY)
+PNG_SIG = b'\x89PNG\r\n\x1a\n'
+
+
+def run_cli(*args, cwd=None, timeout=240):
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    return subprocess.run([sys.executable, '-m', 'snp_fast', *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def tiny_model():
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model(TINY_NAME, pretrained=False, **TINY).eval()
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """A tiny ViT checkpoint (.pth and .safetensors) and an image folder (ImageFolder tree + a non-image)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    d = tmp_path_factory.mktemp('cli')
+    m = tiny_model()
+    torch.save(m.state_dict(), d / 'tiny.pth')
+    save_file(m.state_dict(), str(d / 'tiny.safetensors'))
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        cls = d / 'imgs' / ('cat' if i % 2 else 'dog')
+        cls.mkdir(parents=True, exist_ok=True)
+        yy, xx = np.mgrid[0:40, 0:48]
+        img = np.stack([(xx * 5 + i * 20) % 256, (yy * 6) % 256, rng.integers(0, 255, (40, 48))], -1)
+        Image.fromarray(img.astype(np.uint8)).save(cls / f'{i}.png')
+    (d / 'imgs' / 'README.txt').write_text('not an image')
+    (d / 'imgs' / 'cat' / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
+    (d / 'empty').mkdir()
+    return d
+
+
+@pytest.fixture(scope='module')
+def flops_run(work):
+    """prune the tiny ViT to a MACs target, from an image folder, with --plot."""
+    m = tiny_model()
+    target = 0.55 * snp_fast.count_macs(m)
+    out = work / 'out_flops'
+    r = run_cli('prune', TINY_NAME, '--model-kwargs', TINY_KW, '--checkpoint', work / 'tiny.pth', '--calib',
+                work / 'imgs', '--num-calib', 16, '--flops', f'{target / 1e6:.4f}M', '--out', out, '--plot',
+                '--device', 'cpu')
+    return r, out, target
+
+
+# ------------------------------------------------------------------------------------------------
+# prune: happy paths
+
+def test_prune_flops_target(flops_run):
+    r, out, target = flops_run
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ['attention.png', 'model.safetensors', 'recipe.json', 'report.json']
+    rep = json.loads((out / 'report.json').read_text())
+    assert abs(rep['macs_after'] / target - 1) <= 0.02
+    alloc = rep['cli']['allocation']
+    assert alloc['achieved'] == rep['macs_after'] and abs(alloc['rel_error']) <= 0.02
+    # deeper blocks are pruned at least as much as earlier ones (the allocation rule)
+    b = rep['dims_after']['blocks']
+    assert b[1]['qk'] <= b[0]['qk'] and b[1]['mlp'] <= b[0]['mlp']
+    # calibration: 8 images read, the text file and the broken JPEG skipped and counted
+    assert rep['cli']['calibration']['loaded'] == 8 and rep['cli']['calibration']['skipped'] == 2
+    assert 'skipped 2 unreadable or non-image files' in r.stderr
+    # the summary table and the achieved value are printed
+    for s in ('params', 'MACs', 'q/k per head', 'v per head', 'fc1', 'embed', 'time:', 'allocation: MACs target'):
+        assert s in r.stdout, s
+    # the saved model loads and runs
+    model = snp_fast.load_pruned(str(out))
+    assert snp_fast.count_macs(model) == rep['macs_after']
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_prune_plot_is_png(flops_run):
+    r, out, _ = flops_run
+    assert r.returncode == 0, r.stderr
+    data = (out / 'attention.png').read_bytes()
+    assert data[:8] == PNG_SIG
+    from PIL import Image
+    with Image.open(out / 'attention.png') as im:
+        im.verify()
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.image as mpimg
+    arr = mpimg.imread(str(out / 'attention.png'))
+    assert arr.ndim == 3 and arr.shape[0] > 100 and arr.shape[1] > 200
+
+
+def test_prune_ratios_file_round_to(work):
+    (work / 'ratios.json').write_text(json.dumps({'qk': 0.4, 'v': 0.3, 'mlp': 0.45, 'embed': 0.2}))
+    out = work / 'out_ratios'
+    r = run_cli('prune', TINY_NAME, '--model-kwargs', TINY_KW, '--checkpoint', work / 'tiny.safetensors',
+                '--ratios', work / 'ratios.json', '--round-to', 8, '--num-calib', 6, '--out', out, '--quiet')
+    assert r.returncode == 0, r.stderr
+    dims = snp_fast.io.load_recipe(str(out))['dims_after']
+    assert dims['embed'] % 8 == 0 and dims['embed'] < 64
+    for b in dims['blocks']:
+        assert b['qk'] % 8 == 0 and b['v'] % 8 == 0 and b['mlp'] % 8 == 0
+    assert 'sample photos' in r.stderr  # default calibration: the real photos shipped with sklearn/skimage
+    assert snp_fast.load_pruned(str(out))(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_prune_deit_tiny_preset(work):
+    out = work / 'out_deit'
+    r = run_cli('prune', 'deit_tiny_patch16_224', '--preset', 'deit_tiny_patch16_224', '--num-calib', 2,
+                '--no-refit', '--out', out, '--quiet')
+    assert r.returncode == 0, r.stderr
+    assert 'RANDOMLY INITIALISED' in r.stderr
+    rep = json.loads((out / 'report.json').read_text())
+    assert abs(rep['macs_after'] / 1e9 - 0.638) < 0.001   # the authors' preset, per-head rounding
+    assert rep['settings']['preset'] == 'deit_tiny_patch16_224'
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect, export, bench
+
+def test_inspect(flops_run):
+    _, out, _ = flops_run
+    r = run_cli('inspect', out)
+    assert r.returncode == 0, r.stderr
+    for s in (TINY_NAME, 'params', 'MACs', 'q/k per head', 'model.safetensors', 'allocation', 'calibration'):
+        assert s in r.stdout, s
+
+
+def test_export_onnx_round_trip(flops_run, work):
+    _, out, _ = flops_run
+    onnx_path = work / 'onnx' / 'tiny.onnx'
+    r = run_cli('export', out, '--onnx', onnx_path)
+    assert r.returncode == 0, r.stderr
+    assert 'max abs diff' in r.stdout
+    import onnx
+    import onnxruntime as ort
+    model = onnx.load(str(onnx_path))
+    assert max(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')) >= 17
+    sess = ort.InferenceSession(str(onnx_path), providers=['CPUExecutionProvider'])
+    x = torch.randn(3, 3, 32, 32)
+    pt = snp_fast.load_pruned(str(out))(x).detach()
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert (got - pt).abs().max() < 1e-4
+    # an impossible tolerance: exit 1 and no file left behind
+    bad = work / 'onnx' / 'bad.onnx'
+    r = run_cli('export', out, '--onnx', bad, '--tol', '1e-30')
+    assert r.returncode == 1 and 'ONNX check failed' in r.stderr
+    assert not bad.exists()
+
+
+def test_bench_dir_and_model(flops_run, work):
+    _, out, _ = flops_run
+    js = work / 'bench.json'
+    r = run_cli('bench', out, '--batch', '1,2', '--repeats', 2, '--warmup', 1, '--onnx', '--quiet', '--json', js)
+    assert r.returncode == 0, r.stderr
+    assert 'speedup' in r.stdout and 'onnx' in r.stdout and 'MACs ratio' in r.stdout
+    rows = json.loads(js.read_text())['rows']
+    assert {(x['backend'], x['batch']) for x in rows} == {('eager', 1), ('eager', 2), ('onnx', 1), ('onnx', 2)}
+    assert all(x['original_ms'] > 0 and x['pruned_ms'] > 0 and x['speedup'] > 0 for x in rows)
+
+
+def test_bench_api():
+    from snp_fast import bench
+    m = tiny_model()
+    pruned, _ = snp_fast.prune(m, ratios=0.5, refit=False, qk_criterion='magnitude')
+    rows = bench.compare(m, pruned, batch_sizes=(1,), repeats=2, warmup=1)
+    assert rows[0]['speedup'] > 0 and 'speedup' in bench.format_table(rows, 2.0)
+    with pytest.raises(ValueError, match='backend'):
+        bench.compare(m, pruned, backends=('tensorrt',))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: exit 2, the message names the argument or file; nothing written
+
+def main_rc(capsys, *args):
+    try:
+        rc = cli.main([str(a) for a in args])
+    except SystemExit as e:   # argparse
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err
+
+
+def test_bad_input_subprocess(work):
+    out = work / 'never'
+    r = run_cli('prune', TINY_NAME, '--model-kwargs', TINY_KW, '--calib', work / 'empty', '--ratios', '0.5',
+                '--out', out)
+    assert r.returncode == 2
+    assert '--calib' in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize('case', ['no_target', 'missing_ckpt', 'bad_ckpt', 'wrong_ckpt', 'empty_calib', 'no_calib_dir',
+                                  'bad_ratios', 'ratios_json', 'unknown_preset', 'preset_depth', 'unreachable',
+                                  'bad_flops', 'unknown_model', 'unsupported', 'out_exists', 'bad_kwargs',
+                                  'round_to'])
+def test_prune_bad_input(case, work, capsys, tmp_path):
+    base = ['prune', TINY_NAME, '--model-kwargs', TINY_KW, '--quiet', '--num-calib', 2]
+    out = tmp_path / 'out'
+    (tmp_path / 'r.json').write_text(json.dumps({'qk': 1.5}))
+    (tmp_path / 'bad.json').write_text('{qk: 0.5')
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'x').write_text('x')
+    args, expect = {
+        'no_target': (base + ['--out', out], '--preset'),
+        'missing_ckpt': (base + ['--checkpoint', tmp_path / 'nope.pth', '--ratios', tmp_path / 'r.json', '--out', out],
+                         '--checkpoint'),
+        'bad_ckpt': (base + ['--checkpoint', tmp_path / 'junk.pth', '--flops', '1M', '--out', out], '--checkpoint'),
+        'wrong_ckpt': (['prune', 'deit_tiny_patch16_224', '--checkpoint', work / 'tiny.pth', '--quiet', '--preset',
+                        'deit_tiny_patch16_224', '--out', out], '--checkpoint'),
+        'empty_calib': (base + ['--calib', work / 'empty', '--flops', '1M', '--out', out], '--calib'),
+        'no_calib_dir': (base + ['--calib', tmp_path / 'nope', '--flops', '1M', '--out', out], '--calib'),
+        'bad_ratios': (base + ['--ratios', tmp_path / 'r.json', '--out', out], '--ratios'),
+        'ratios_json': (base + ['--ratios', tmp_path / 'bad.json', '--out', out], '--ratios'),
+        'unknown_preset': (base + ['--preset', 'deit_huge', '--out', out], '--preset'),
+        'preset_depth': (base + ['--preset', 'deit_small_patch16_224', '--out', out], '--preset'),
+        'unreachable': (base + ['--flops', '1k', '--out', out], '--flops'),
+        'bad_flops': (base + ['--flops', 'two', '--out', out], '--flops'),
+        'unknown_model': (['prune', 'deit_nonexistent_patch16', '--ratios', tmp_path / 'r.json', '--out', out],
+                          'MODEL'),
+        'unsupported': (['prune', 'resnet18', '--flops', '1G', '--out', out], 'not supported'),
+        'out_exists': (base + ['--flops', '1M', '--out', tmp_path / 'full'], '--out'),
+        'bad_kwargs': (['prune', TINY_NAME, '--model-kwargs', '{"img_size": ', '--flops', '1M', '--out', out],
+                       '--model-kwargs'),
+        'round_to': (base + ['--flops', '1M', '--round-to', 0, '--out', out], '--round-to'),
+    }[case]
+    rc, text = main_rc(capsys, *args)
+    assert rc == 2, text
+    assert expect in text, text
+    assert not out.exists()
+
+
+def test_pretrained_offline(capsys, tmp_path):
+    if cli._hub_reachable(timeout=2):
+        pytest.skip('the timm hub is reachable here: --pretrained would download weights')
+    rc, text = main_rc(capsys, 'prune', 'deit_tiny_patch16_224', '--pretrained', '--preset', 'deit_tiny_patch16_224',
+                       '--out', tmp_path / 'o')
+    assert rc == 2 and '--pretrained' in text and 'offline' in text and '--checkpoint' in text
+    assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('args, expect', [
+    (['export', '{tmp}/nope', '--onnx', '{tmp}/a.onnx'], 'DIR'),
+    (['export', '{tmp}', '--onnx', '{tmp}/a.onnx'], 'recipe.json'),
+    (['inspect', '{tmp}/nope'], 'DIR'),
+    (['bench', TINY_NAME, '--batch', '1,x'], '--batch'),
+    (['bench', '{tmp}/nope/dir'], 'MODEL_OR_DIR'),
+    (['export', '{tmp}'], '--onnx'),
+])
+def test_other_bad_input(args, expect, capsys, tmp_path):
+    rc, text = main_rc(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert rc == 2 and expect in text, text
+
+
+def test_help_and_version():
+    r = run_cli('--help')
+    assert r.returncode == 0 and 'prune' in r.stdout and 'bench' in r.stdout
+    r = run_cli('prune', '--help')
+    assert r.returncode == 0 and 'allocation rule' in r.stdout and '--round-to' in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# the allocation module (in-process)
+
+def test_parse_quantity():
+    assert al.parse_quantity('2.0G') == 2e9 and al.parse_quantity('600m') == 6e8
+    assert al.parse_quantity('1.5e9') == 1.5e9 and al.parse_quantity(' 22k ') == 22e3
+    for bad in ('', 'G', '-1G', '2.0X', '0'):
+        with pytest.raises(ValueError):
+            al.parse_quantity(bad, '--flops')
+
+
+def test_round_dims_and_exact_ratios():
+    orig = ModelDims(384, [BlockDims(6, 64, 64, 1536)] * 2)
+    dims = ModelDims(301, [BlockDims(6, 25, 64, 1001), BlockDims(6, 3, 13, 7)])
+    r = al.round_dims(orig, dims, 8)
+    assert r.embed == 304 and [(b.qk, b.v, b.mlp) for b in r.blocks] == [(24, 64, 1000), (8, 16, 8)]
+    spec = al.ratios_for_dims(orig, r)
+    from snp_fast.ratios import resolve_ratios, target_dims
+    assert target_dims(orig, resolve_ratios(spec, 2), []) == r
+    small = ModelDims(6, [BlockDims(1, 4, 4, 4)])
+    assert al.round_dims(small, ModelDims(5, [BlockDims(1, 3, 4, 2)]), 8) == ModelDims(5, [BlockDims(1, 3, 4, 2)])
+
+
+def test_allocate_deit_small_meta():
+    import timm
+    m = timm.create_model('deit_small_patch16_224', device='meta')
+    a = al.allocate(m, 2.0e9, 'macs', round_to=8)
+    assert abs(a.achieved / 2.0e9 - 1) <= 0.02
+    spec = a.ratios['blocks']
+    assert spec[-1]['qk'] >= spec[0]['qk'] and spec[-1]['mlp'] >= spec[0]['mlp']
+    assert a.dims.embed % 8 == 0 and all(b.qk % 8 == 0 and b.v % 8 == 0 for b in a.dims.blocks)
+    p = al.allocate(m, 10e6, 'params')
+    assert abs(p.achieved / 10e6 - 1) <= 0.02
+    with pytest.raises(ValueError, match='unreachable'):
+        al.allocate(m, 1e8)
+    with pytest.raises(ValueError, match='above the unpruned'):
+        al.allocate(m, 5e9)
