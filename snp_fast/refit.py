@@ -35,7 +35,13 @@ class RefitStats:
 
 
 class LinearFit:
-    """Accumulates XᵀX, XᵀY and ‖Y‖² for one Linear, then re-fits it in place."""
+    """Accumulates XᵀX and Xᵀ(Y − X W_Sᵀ) for one Linear, then re-fits it in place.
+
+    Solving for the correction ΔW = W − W_S from the sliced layer's residual R = Y − X W_Sᵀ (instead of
+    for W from XᵀY) keeps fp32 rounding of the Gram matrix from being amplified by 1/λ in directions
+    the calibration data barely spans: the right-hand side XᵀR is small exactly there. It also gives
+    the sliced layer's error ‖R‖² exactly.
+    """
 
     def __init__(self, layer: nn.Linear, backend: str = 'auto'):
         self.layer = layer
@@ -45,7 +51,8 @@ class LinearFit:
         dev = layer.weight.device
         self.xtx = torch.zeros(layer.in_features, layer.in_features, device=dev, dtype=torch.float32)
         self.xsum = torch.zeros(layer.in_features, device=dev, dtype=torch.float64)
-        self.xty = torch.zeros(n_in, layer.out_features, device=dev, dtype=torch.float64)
+        self.xtr = torch.zeros(n_in, layer.out_features, device=dev, dtype=torch.float64)
+        self.rr = torch.zeros((), device=dev, dtype=torch.float64)
         self.yy = torch.zeros((), device=dev, dtype=torch.float64)
         self.tokens = 0
 
@@ -57,12 +64,16 @@ class LinearFit:
         if x.shape[0] != y.shape[0] or x.shape[1] != self.layer.in_features or y.shape[1] != self.layer.out_features:
             raise ValueError(f'LinearFit.add: inputs {tuple(x.shape)} / targets {tuple(y.shape)} do not fit a '
                              f'Linear({self.layer.in_features}, {self.layer.out_features})')
+        w = self.layer.weight.detach().float()
+        b = self.layer.bias.detach().float() if self.bias else None
+        r = y - torch.nn.functional.linear(x, w, b)
         ops.gram(x, out=self.xtx, backend=self.backend)
         self.xsum += x.sum(0, dtype=torch.float64)
-        xty = (x.t() @ y).double()
+        xtr = (x.t() @ r).double()
         if self.bias:
-            xty = torch.cat([xty, y.sum(0, dtype=torch.float64).unsqueeze(0)])
-        self.xty += xty
+            xtr = torch.cat([xtr, r.sum(0, dtype=torch.float64).unsqueeze(0)])
+        self.xtr += xtr
+        self.rr += (r.double() ** 2).sum()
         self.yy += (y.double() ** 2).sum()
         self.tokens += x.shape[0]
 
@@ -77,16 +88,6 @@ class LinearFit:
         full[n, n] = self.tokens
         return full
 
-    def _weights(self) -> torch.Tensor:
-        w = self.layer.weight.detach().double()
-        if self.bias:
-            w = torch.cat([w, self.layer.bias.detach().double().unsqueeze(1)], dim=1)
-        return w  # (out, in[+1])
-
-    def _error(self, g: torch.Tensor, w: torch.Tensor) -> float:
-        err = ((w @ g) * w).sum() - 2 * (w * self.xty.t()).sum() + self.yy
-        return float(err.clamp_min(0) / self.yy.clamp_min(torch.finfo(torch.float64).tiny))
-
     @torch.no_grad()
     def solve(self, damp: float = DEFAULT_DAMP) -> RefitStats:
         """Re-fit the layer in place; returns calibration errors before and after."""
@@ -95,24 +96,26 @@ class LinearFit:
         if damp < 0:
             raise ValueError(f'damp must be >= 0, got {damp}')
         g = self._gram()
-        w0 = self._weights()
         scale = g.diagonal().mean().clamp_min(1e-12)
-        lam = damp * scale
         eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        rhs = self.xty + lam * w0.t()
-        w = None
+        delta = None
         for jitter in (0.0, 1e-10, 1e-8, 1e-6):
-            chol, info = torch.linalg.cholesky_ex(g + (lam + jitter * scale) * eye)
+            chol, info = torch.linalg.cholesky_ex(g + (damp + jitter) * scale * eye)
             if int(info) == 0:
-                w = torch.cholesky_solve(rhs, chol).t()
+                delta = torch.cholesky_solve(self.xtr, chol)  # (in[+1], out) = ΔWᵀ
                 break
-        if w is None:  # numerically singular even with jitter: least-norm solution
-            w = torch.linalg.lstsq(g + lam * eye, rhs).solution.t()
-        before, after = self._error(g, w0), self._error(g, w)
-        if not torch.isfinite(w).all() or after > before:  # never worse than plain slicing
-            w, after = w0, before
+        if delta is None:  # numerically singular even with jitter: least-norm solution
+            delta = torch.linalg.lstsq(g + damp * scale * eye, self.xtr).solution
+        yy = self.yy.clamp_min(torch.finfo(torch.float64).tiny)
+        before = float(self.rr / yy)
+        after_abs = self.rr - 2 * (delta * self.xtr).sum() + ((g @ delta) * delta).sum()
+        after = float(after_abs.clamp_min(0) / yy)
+        if not torch.isfinite(delta).all() or after >= before:  # never worse than plain slicing
+            return RefitStats(self.tokens, before, before)
         n_in = self.layer.in_features
-        self.layer.weight.data.copy_(w[:, :n_in].to(self.layer.weight.dtype))
+        w = self.layer.weight
+        w.data.copy_((w.detach().double() + delta[:n_in].t()).to(w.dtype))
         if self.bias:
-            self.layer.bias.data.copy_(w[:, n_in].to(self.layer.bias.dtype))
+            b = self.layer.bias
+            b.data.copy_((b.detach().double() + delta[n_in]).to(b.dtype))
         return RefitStats(self.tokens, before, after)

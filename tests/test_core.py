@@ -1,0 +1,429 @@
+"""Core SNP pipeline: slicing == masking, scores, presets' MACs, re-fit, save/load, bad input."""
+import copy
+import json
+import math
+import os
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import snp_fast
+from snp_fast.macs import meta_copy
+from snp_fast.models import vit
+from snp_fast.ops import reference
+from snp_fast.ratios import resolve_ratios, target_dims
+from snp_fast.refit import LinearFit
+
+pytestmark = pytest.mark.filterwarnings('ignore:snp_fast. .*reference')
+
+# Small variants of real timm architectures (2 blocks, 64×64 input) keep the suite fast while covering
+# every structural feature: distillation token + head, LayerScale, no_embed_class, register tokens,
+# class_token=False with average pooling.
+TINY = {
+    'deit_tiny_patch16_224': {},
+    'deit_small_distilled_patch16_224': {},
+    'deit3_small_patch16_224': {},
+    'vit_medium_patch16_reg4_gap_256': {},
+    'vit_base_patch16_224': {},
+}
+
+
+def tiny(name, depth=2, img_size=64, **kw):
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, depth=depth, img_size=img_size, num_classes=10, **kw)
+    # timm's init leaves biases at zero and LayerScale near 1e-5: randomise so nothing is trivially equal
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith('bias') or 'gamma' in n or n.endswith('token'):
+                p.normal_(0, 0.2)
+    return m.eval()
+
+
+def images(n=4, size=64, chans=3):
+    return torch.randn(n, chans, size, size)
+
+
+def random_ratios(depth, seed, embed=0.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda: float(torch.rand((), generator=g) * 0.9)  # noqa: E731
+    return {'blocks': [dict(qk=r(), v=r(), mlp=r()) for _ in range(depth)], 'embed': embed}
+
+
+def masked_twin(model, selection):
+    """The original model with every removed q/k, v and fc1 filter zeroed (SNP.md's test invariant)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for blk, sel in zip(twin.blocks, selection['blocks']):
+            H, d = blk.attn.num_heads, blk.attn.head_dim
+            keep_q = torch.zeros(H * d, dtype=torch.bool)
+            keep_q[vit._head_rows(torch.tensor(sel['qk']), d)] = True
+            keep_v = torch.zeros(H * d, dtype=torch.bool)
+            keep_v[vit._head_rows(torch.tensor(sel['v']), d)] = True
+            keep_rows = torch.cat([keep_q, keep_q, keep_v])
+            blk.attn.qkv.weight[~keep_rows] = 0
+            if blk.attn.qkv.bias is not None:
+                blk.attn.qkv.bias[~keep_rows] = 0
+            keep_m = torch.zeros(blk.mlp.fc1.out_features, dtype=torch.bool)
+            keep_m[torch.tensor(sel['mlp'])] = True
+            blk.mlp.fc1.weight[~keep_m] = 0
+            blk.mlp.fc1.bias[~keep_m] = 0
+    return twin
+
+
+# ------------------------------------------------------------------------------------------------
+# slicing == masking
+
+@pytest.mark.parametrize('name', list(TINY))
+@pytest.mark.parametrize('seed', [0, 1])
+def test_slice_equals_mask(name, seed):
+    model = tiny(name, **TINY[name])
+    x = images(4, size=model.patch_embed.img_size[0])
+    pruned, report = snp_fast.prune(model, x, ratios=random_ratios(len(model.blocks), seed), refit=False)
+    assert report.params_after < report.params_before
+    assert all(isinstance(b.attn, snp_fast.PrunedAttention) for b in pruned.blocks)
+    twin = masked_twin(model, pruned.snp_recipe['selection'])
+    with torch.no_grad():
+        assert (pruned(x) - twin(x)).abs().max().item() <= 1e-5
+        # the attention scale is the ORIGINAL one even though q/k widths changed
+        assert pruned.blocks[0].attn.scale == model.blocks[0].attn.scale
+
+
+def test_pruned_attention_honours_attn_mask():
+    model = tiny('deit_tiny_patch16_224')
+    x = images(2)
+    pruned, _ = snp_fast.prune(model, x, ratios={'qk': 0.5, 'v': 0.25, 'mlp': 0.5}, refit=False)
+    twin = masked_twin(model, pruned.snp_recipe['selection'])
+    n = 1 + model.patch_embed.num_patches
+    mask = torch.rand(n, n) > 0.3
+    mask |= torch.eye(n, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = pruned(x, attn_mask=mask), twin(x, attn_mask=mask)
+        assert (a - b).abs().max().item() <= 1e-5
+        assert (a - pruned(x)).abs().max().item() > 1e-4  # the mask did something
+        c = pruned.forward_features(x, is_causal=True)
+        assert torch.isfinite(c).all()
+
+
+def test_magnitude_criteria_need_no_data():
+    model = tiny('deit_tiny_patch16_224')
+    pruned, _ = snp_fast.prune(model, None, ratios=0.5, refit=False, qk_criterion='magnitude',
+                               v_criterion='magnitude', mlp_criterion='magnitude', embed_criterion='magnitude')
+    assert pruned.embed_dim == 96
+    with torch.no_grad():
+        assert pruned(images(1)).shape == (1, 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Q/K scores
+
+def _brute_force_scores(q, k, gamma):
+    """The SNP formula with the flattened N×N matrices, written out loop by loop."""
+    B, H, N, d = q.shape
+    out = torch.zeros(H, d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, h] @ k[b, h].T
+            u, sig, vh = torch.linalg.svd(s)
+            for j in range(min(gamma, N)):
+                if sig[j] <= 1e-9 * sig[0]:
+                    continue
+                a = sig[j] * torch.outer(u[:, j], vh[j])
+                for i in range(d):
+                    p = torch.outer(q[b, h, :, i], k[b, h, :, i])
+                    den = a.norm() * p.norm()
+                    if den > 0:
+                        out[h, i] += ((a * p).sum() / den).abs()
+    return out
+
+
+@pytest.mark.parametrize('B,H,N,d,gamma', [(2, 3, 12, 6, 3), (1, 2, 5, 8, 8), (2, 1, 9, 4, 4)])
+def test_qk_reference_equals_brute_force(B, H, N, d, gamma):
+    q = torch.randn(B, H, N, d, dtype=torch.float64)
+    k = torch.randn(B, H, N, d, dtype=torch.float64)
+    q[:, 0, :, 1] = 0  # a dead query filter (in every image)
+    expected = _brute_force_scores(q, k, gamma)
+    lit = reference.qk_scores_literal(q, k, gamma, compute_dtype=torch.float64)
+    torch.testing.assert_close(lit.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference.qk_scores_dxd(q, k, gamma).double(), expected, rtol=1e-4, atol=1e-4)
+    assert lit[0, 1] == 0  # a dead filter preserves nothing
+
+
+@pytest.mark.parametrize('N,d', [(3, 16), (1, 8), (20, 16)])
+def test_qk_scores_rank_deficient_are_finite(N, d):
+    q, k = torch.randn(2, 2, N, d), torch.randn(2, 2, N, d)
+    k[:, :, :, :3] = 0                        # zero key filters
+    q[:, 1] = q[:, 1, :, :1] * torch.randn(d)  # head 1: rank-one queries
+    lit = reference.qk_scores_literal(q, k, d)
+    fast = reference.qk_scores_dxd(q, k, d)
+    assert torch.isfinite(lit).all() and torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, lit, rtol=1e-3, atol=1e-3)
+    assert (lit[:, :3] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# presets and MACs
+
+@pytest.mark.parametrize('preset,gmacs', [('deit_tiny_patch16_224', 0.638), ('deit_small_patch16_224', 2.037),
+                                          ('deit_small_patch16_224_1p3G', 1.265), ('deit_base_patch16_224', 6.322)])
+def test_presets_reproduce_published_macs(preset, gmacs):
+    name = snp_fast.load_preset(preset)['model']
+    model = timm.create_model(name, pretrained=False, device='meta')
+    dims = target_dims(vit.model_dims(model), resolve_ratios(preset, len(model.blocks)), [])
+    pruned = vit.apply_dims(meta_copy(model), dims)
+    assert round(snp_fast.count_macs(pruned) / 1e9, 3) == gmacs
+
+
+def test_macs_counter_matches_formula():
+    model = timm.create_model('deit_small_patch16_224', pretrained=False, device='meta')
+    N, D, hid = 197, 384, 1536
+    per_block = N * D * 3 * D + 2 * N * N * D + N * D * D + 2 * N * D * hid
+    assert snp_fast.count_macs(model) == 12 * per_block + 196 * 768 * D + D * 1000
+
+
+def test_presets_shipped_in_package():
+    assert set(snp_fast.list_presets()) >= {'deit_tiny_patch16_224', 'deit_small_patch16_224',
+                                            'deit_small_patch16_224_1p3G', 'deit_base_patch16_224'}
+
+
+@pytest.mark.parametrize('name', list(TINY))
+def test_pruned_models_run_forward_and_backward(name):
+    model = tiny(name, **TINY[name])
+    x = images(2, size=model.patch_embed.img_size[0])
+    pruned, _ = snp_fast.prune(model, x, ratios={'qk': 0.5, 'v': 0.5, 'mlp': 0.5, 'embed': 0.25})
+    pruned.train()
+    out = pruned(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.square().mean().backward()
+    for n, p in pruned.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert not any(p.is_meta for p in pruned.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# re-fit
+
+def test_refit_with_nothing_removed_keeps_weights():
+    model = tiny('deit_tiny_patch16_224')
+    x = images(8)
+    pruned, report = snp_fast.prune(model, x, ratios=0.0, refit=True)
+    for (n, a), (_, b) in zip(model.named_parameters(), pruned.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=n)
+    assert len(report.refit) == 4 * 2 + 1
+
+
+def test_refit_reproduces_output_when_removed_filter_is_collinear():
+    torch.manual_seed(0)
+    x = torch.randn(500, 12, dtype=torch.float64)
+    x[:, 5] = 2.5 * x[:, 2]                         # input feature 5 is exactly collinear with 2
+    full = nn.Linear(12, 7).double()
+    y = full(x).detach()
+    keep = torch.tensor([i for i in range(12) if i != 5])
+    sliced = nn.Linear(11, 7).double()
+    with torch.no_grad():
+        sliced.weight.copy_(full.weight[:, keep])
+        sliced.bias.copy_(full.bias)
+    fit = LinearFit(sliced)
+    fit.add(x[:, keep], y)
+    stats = fit.solve()
+    assert stats.err_sliced > 1e-3
+    assert (sliced(x[:, keep]) - y).abs().max().item() <= 1e-5
+
+
+def test_refit_never_increases_layer_error():
+    model = tiny('deit_small_distilled_patch16_224')
+    x = images(8)
+    ratios = {'qk': 0.5, 'v': 0.5, 'mlp': 0.5, 'embed': 0.3}
+    pruned, report = snp_fast.prune(model, x, ratios=ratios)
+    sliced, _ = snp_fast.prune(model, x, ratios=ratios, refit=False)
+    assert all(s.err_refit <= s.err_sliced + 1e-9 for s in report.refit.values())
+    assert any(s.err_refit < 0.5 * s.err_sliced for s in report.refit.values())
+    # independent check on blocks.0.attn.qkv, whose inputs are the same in both models
+    e = torch.tensor(pruned.snp_recipe['selection']['embed'])
+    sel = pruned.snp_recipe['selection']['blocks'][0]
+    H, d = 6, 64
+    q_rows = vit._head_rows(torch.tensor(sel['qk']), d)
+    rows = torch.cat([q_rows, q_rows + H * d, vit._head_rows(torch.tensor(sel['v']), d) + 2 * H * d])
+    with torch.no_grad():
+        h0 = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        target = model.blocks[0].attn.qkv(model.blocks[0].norm1(h0))[..., rows]
+        hp = sliced.norm_pre(sliced._pos_embed(sliced.patch_embed(x)))
+        inp = sliced.blocks[0].norm1(hp)
+        err_sliced = (sliced.blocks[0].attn.qkv(inp) - target).square().sum()
+        err_refit = (pruned.blocks[0].attn.qkv(inp) - target).square().sum()
+    assert err_refit <= err_sliced
+    assert e.numel() == pruned.embed_dim
+
+
+def test_quality_on_digits_refit_recovers_accuracy():
+    """A ViT trained here on real digits (committed checkpoint, tests/make_digits_checkpoint.py):
+    removing 50 % of q/k, v, fc1 AND embedding dims keeps accuracy within 2 points with the re-fit,
+    while slicing alone loses far more."""
+    from snp_fast.demo import accuracy, digits_data, load_digits_vit
+    model = load_digits_vit()
+    x_tr, _, x_te, y_te = digits_data()
+    base = accuracy(model, x_te, y_te)
+    assert base >= 0.95
+    pruned, report = snp_fast.prune(model, x_tr[:256], ratios=0.5)
+    assert pruned.embed_dim == 64 and report.macs_after < 0.3 * report.macs_before
+    acc = accuracy(pruned, x_te, y_te)
+    sliced, _ = snp_fast.prune(model, x_tr[:256], ratios=0.5, refit=False)
+    acc_sliced = accuracy(sliced, x_te, y_te)
+    assert acc >= base - 0.02, (base, acc)
+    assert acc_sliced <= base - 0.2, (base, acc_sliced)
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = tiny('deit3_small_patch16_224')
+    x = images(4)
+    pruned, report = snp_fast.prune(model, x, ratios={'qk': 0.4, 'v': 0.3, 'mlp': 0.6, 'embed': 0.25})
+    out = snp_fast.save_pruned(pruned, str(tmp_path / 'm'), report=report)
+    assert sorted(os.listdir(out)) == ['model.safetensors', 'recipe.json', 'report.json']
+    loaded = snp_fast.load_pruned(out)
+    a, b = pruned.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(pruned.eval()(x), loaded(x))
+    recipe = json.load(open(os.path.join(out, 'recipe.json')))
+    assert recipe['timm_name'] == 'deit3_small_patch16_224' and recipe['dims_after']['embed'] == 288
+    with pytest.raises(FileExistsError):
+        snp_fast.save_pruned(pruned, out)
+
+
+def _saved(tmp_path):
+    model = tiny('deit_tiny_patch16_224')
+    pruned, _ = snp_fast.prune(model, images(2), ratios=0.3)
+    return snp_fast.save_pruned(pruned, str(tmp_path / 'm'))
+
+
+def test_load_rejects_tampered_recipe(tmp_path):
+    d = _saved(tmp_path)
+    path = os.path.join(d, 'recipe.json')
+    recipe = json.load(open(path))
+    recipe['dims_after']['blocks'][1]['v'] += 1
+    json.dump(recipe, open(path, 'w'))
+    with pytest.raises(snp_fast.RecipeError, match='blocks.1.attn'):
+        snp_fast.load_pruned(d)
+    recipe['dims_after']['blocks'][1]['v'] -= 1
+    recipe['timm_kwargs']['depth'] = 3
+    json.dump(recipe, open(path, 'w'))
+    with pytest.raises(snp_fast.RecipeError, match='pruned from'):
+        snp_fast.load_pruned(d)
+    recipe['format'] = 'something/9'
+    json.dump(recipe, open(path, 'w'))
+    with pytest.raises(snp_fast.RecipeError, match='unknown recipe format'):
+        snp_fast.load_pruned(d)
+    open(path, 'w').write('{not json')
+    with pytest.raises(snp_fast.RecipeError, match='not valid JSON'):
+        snp_fast.load_pruned(d)
+
+
+def test_load_rejects_mismatched_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = _saved(tmp_path)
+    w = os.path.join(d, 'model.safetensors')
+    state = load_file(w)
+    state['head.weight'] = state['head.weight'][:, :-1].contiguous()
+    save_file(state, w)
+    with pytest.raises(snp_fast.RecipeError, match='head.weight'):
+        snp_fast.load_pruned(d)
+    del state['head.weight']
+    save_file(state, w)
+    with pytest.raises(snp_fast.RecipeError, match='missing'):
+        snp_fast.load_pruned(d)
+    with pytest.raises(snp_fast.RecipeError, match='not found'):
+        snp_fast.load_pruned(str(tmp_path / 'nowhere'))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize('ratios,match', [(1.0, 'outside'), (-0.1, 'outside'), ({'qk': 1.2}, 'qk'),
+                                          ({'blocks': [{}], 'embed': 0}, 'blocks'), ({'q': 0.1}, 'unknown keys'),
+                                          (float('nan'), 'outside'), ('no_such_preset', 'unknown preset')])
+def test_bad_ratios_are_refused(ratios, match):
+    model = tiny('deit_tiny_patch16_224')
+    with pytest.raises(ValueError, match=match):
+        snp_fast.prune(model, images(2), ratios=ratios)
+
+
+def test_ratio_leaving_no_dims_keeps_one_and_says_so():
+    model = tiny('deit_tiny_patch16_224')
+    with pytest.warns(UserWarning, match='keeping 1'):
+        pruned, report = snp_fast.prune(model, images(2), ratios={'qk': 0.999, 'v': 0.5})
+    assert all(b.qk == 1 for b in report.dims_after.blocks)
+    assert any('keeping 1' in n for n in report.notes)
+    with torch.no_grad():
+        assert torch.isfinite(pruned(images(1))).all()
+
+
+def test_unsupported_model_names_what_is_supported():
+    with pytest.raises(snp_fast.UnsupportedModelError, match='VisionTransformer'):
+        snp_fast.prune(timm.create_model('resnet18', pretrained=False), images(1), ratios=0.5)
+    with pytest.raises(snp_fast.UnsupportedModelError, match='VisionTransformer'):
+        snp_fast.prune(nn.Linear(3, 3), images(1), ratios=0.5)
+    m = timm.create_model('vit_small_patch16_224', pretrained=False, depth=1, img_size=64, global_pool='map')
+    with pytest.raises(snp_fast.UnsupportedModelError, match='map'):
+        snp_fast.prune(m, images(1), ratios=0.5)
+
+
+def test_qk_norm_models_refuse_qk_pruning_only():
+    model = tiny('vit_small_patch16_224', qk_norm=True)
+    with pytest.raises(ValueError, match='qk_norm'):
+        snp_fast.prune(model, images(2), ratios=0.5)
+    pruned, _ = snp_fast.prune(model, images(2), ratios={'qk': 0, 'v': 0.5, 'mlp': 0.5, 'embed': 0.25})
+    assert pruned.blocks[0].attn.qk_dim == 64 and pruned.blocks[0].attn.v_dim == 32
+
+
+@pytest.mark.parametrize('calib,match', [(torch.randn(2, 3, 32, 32), 'model takes'), (torch.randn(2, 1, 64, 64), 'channels'),
+                                         (torch.randn(3, 64, 64), r'\(B, C, H, W\)'),
+                                         (torch.zeros(0, 3, 64, 64), r'\(B, C, H, W\)')])
+def test_bad_calibration_batches_are_refused(calib, match):
+    with pytest.raises(ValueError, match=match):
+        snp_fast.prune(tiny('deit_tiny_patch16_224'), calib, ratios=0.5)
+
+
+def test_nan_in_calibration_or_activations_names_the_block():
+    model = tiny('deit_tiny_patch16_224')
+    x = images(2)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float('nan')
+    with pytest.raises(ValueError, match='NaN'):
+        snp_fast.prune(model, bad, ratios=0.5)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.bias[0] = float('nan')
+    with pytest.raises(FloatingPointError, match=r'blocks\.1'):
+        snp_fast.prune(model, x, ratios=0.5)
+
+
+def test_missing_calibration_is_explained():
+    with pytest.raises(ValueError, match='calibration images are needed'):
+        snp_fast.prune(tiny('deit_tiny_patch16_224'), None, ratios=0.5)
+
+
+def test_original_model_is_untouched():
+    model = tiny('deit_tiny_patch16_224')
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    snp_fast.prune(model, images(2), ratios=0.5)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compiled_extension_slices_like_the_reference():
+    from snp_fast import ops
+    if 'cpu' not in ops.available_backends('gather_slices', 'cpu'):
+        pytest.skip('compiled extension not built')
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(7, 5, 3, generator=g), torch.randn(11, 13, generator=g), torch.randn(1, 9, 4, generator=g)]
+    sl = [[(0, torch.tensor([6, 0, 2]))], [(1, torch.tensor([12, 1])), (0, torch.tensor([3, 4, 10]))],
+          [(2, torch.tensor([3])), (1, torch.tensor([8, 0]))]]
+    for a, b in zip(ops.gather_slices(ts, sl, backend='cpu'), ops.gather_slices(ts, sl, backend='reference')):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match='out of range'):
+        ops.gather_slices(ts[:1], [[(0, torch.tensor([7]))]], backend='cpu')
