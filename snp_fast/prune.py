@@ -116,7 +116,8 @@ def _check_calib(model: nn.Module, calib) -> torch.Tensor:
 
 
 def _finite(t: torch.Tensor, where: str) -> torch.Tensor:
-    if not torch.isfinite(t).all():
+    # one reduction instead of an elementwise mask: a NaN or Inf anywhere makes the sum non-finite
+    if not torch.isfinite(t.sum()):
         raise FloatingPointError(f'non-finite activations (NaN/Inf) at {where}; check the model weights and '
                                  'calibration images')
     return t
@@ -139,7 +140,7 @@ def _prefix(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
         x = model._pos_embed(x)
         x = model.patch_drop(x)
         out.append(model.norm_pre(x))
-    return torch.cat(out)
+    return _cat(out)
 
 
 @torch.no_grad()
@@ -156,12 +157,16 @@ def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, Tuple[nn.M
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(outs), {k: torch.cat(v) for k, v in store.items()}
+    return _cat(outs), {k: _cat(v) for k, v in store.items()}
+
+
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _apply(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([fn(c) for c in _chunks(x, batch)])
+        return _cat([fn(c) for c in _chunks(x, batch)])
 
 
 def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor], like: Dict[str, torch.Tensor]) -> None:

@@ -68,13 +68,13 @@ class LinearFit:
         b = self.layer.bias.detach().float() if self.bias else None
         r = y - torch.nn.functional.linear(x, w, b)
         ops.gram(x, out=self.xtx, backend=self.backend)
-        self.xsum += x.sum(0, dtype=torch.float64)
-        xtr = (x.t() @ r).double()
+        # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64
+        self.xsum += x.sum(0)
+        self.xtr[:x.shape[1]] += x.t() @ r
         if self.bias:
-            xtr = torch.cat([xtr, r.sum(0, dtype=torch.float64).unsqueeze(0)])
-        self.xtr += xtr
-        self.rr += (r.double() ** 2).sum()
-        self.yy += (y.double() ** 2).sum()
+            self.xtr[-1] += r.sum(0)
+        self.rr += r.flatten().dot(r.flatten())
+        self.yy += y.flatten().dot(y.flatten())
         self.tokens += x.shape[0]
 
     def _gram(self) -> torch.Tensor:
