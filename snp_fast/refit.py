@@ -98,17 +98,20 @@ class LinearFit:
         g = self._gram()
         scale = g.diagonal().mean().clamp_min(1e-12)
         eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        delta = None
+        delta, lam = None, damp * scale
         for jitter in (0.0, 1e-10, 1e-8, 1e-6):
-            chol, info = torch.linalg.cholesky_ex(g + (damp + jitter) * scale * eye)
+            lam = (damp + jitter) * scale
+            chol, info = torch.linalg.cholesky_ex(g + lam * eye)
             if int(info) == 0:
                 delta = torch.cholesky_solve(self.xtr, chol)  # (in[+1], out) = ΔWᵀ
                 break
         if delta is None:  # numerically singular even with jitter: least-norm solution
-            delta = torch.linalg.lstsq(g + damp * scale * eye, self.xtr).solution
+            delta = torch.linalg.lstsq(g + lam * eye, self.xtr).solution
         yy = self.yy.clamp_min(torch.finfo(torch.float64).tiny)
         before = float(self.rr / yy)
-        after_abs = self.rr - 2 * (delta * self.xtr).sum() + ((g @ delta) * delta).sum()
+        # ‖R − XΔ‖² = ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, GΔ⟩, and GΔ = XᵀR − λΔ at the solution
+        cross = (delta * self.xtr).sum()
+        after_abs = self.rr - cross - lam * (delta * delta).sum()
         after = float(after_abs.clamp_min(0) / yy)
         if not torch.isfinite(delta).all() or after >= before:  # never worse than plain slicing
             return RefitStats(self.tokens, before, before)

@@ -436,3 +436,24 @@ def test_compiled_extension_slices_like_the_reference():
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match='out of range'):
         ops.gather_slices(ts[:1], [[(0, torch.tensor([7]))]], backend='cpu')
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'vit_medium_patch16_reg4_gap_256'])
+def test_auto_backend_selects_the_same_filters_as_reference(name):
+    model = tiny(name)
+    x = images(4, size=model.patch_embed.img_size[0])
+    ratios = {'qk': 0.5, 'v': 0.4, 'mlp': 0.3, 'embed': 0.25}
+    auto, _ = snp_fast.prune(model, x, ratios=ratios, refit=False, backend='auto')
+    ref, _ = snp_fast.prune(model, x, ratios=ratios, refit=False, backend='reference')
+    assert auto.snp_recipe['selection'] == ref.snp_recipe['selection']
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224',
+                                  pytest.param('vit_large_patch16_224', marks=pytest.mark.slow)])
+def test_full_size_models_prune_and_run(name):
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    pruned, report = snp_fast.prune(model, x, ratios={'qk': 0.5, 'v': 0.5, 'mlp': 0.5, 'embed': 0.25})
+    assert report.macs_after < 0.5 * report.macs_before
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 1000)
