@@ -1,0 +1,450 @@
+// Q/K attention-score preservation scores on the CPU (SNP.md, "Scores"), never forming the N×N matrix.
+//
+// Per (image, head), with Q, K the (N, d) queries and keys, S = Q Kᵀ = Σ_j σ_j u_j v_jᵀ and
+//     ω_i = Σ_{j<γ, σ_j > 1e-4 σ_1} |cos(u_j, q_i) · cos(v_j, k_i)|.
+// Route (everything after the Grams is d×d work in float64, one matrix per task of at::parallel_for):
+//   1. G_q = QᵀQ, G_k = KᵀK in float64 by batched BLAS (images processed in chunks to bound memory).
+//   2. R with RᵀR = G_q by pivoted Cholesky (r × d, r = numerical rank of Q; stops when the largest
+//      remaining pivot is ≤ 1e-12·max diag(G_q), far below anything that reaches the σ threshold).
+//      Then Q = A R with A orthonormal, and S Sᵀ = A (R G_k Rᵀ) Aᵀ: the left singular vectors of S
+//      are u_j = A x_j with x_j the eigenvectors of the r×r matrix B = R G_k Rᵀ, eigenvalues σ_j².
+//   3. cos(u_j, q_i) = (x_jᵀ R)_i / ‖q_i‖ and, since v_j = Sᵀu_j/σ_j,
+//      cos(v_j, k_i) = (x_jᵀ R G_k)_i / (σ_j ‖k_i‖): only R (not a root of G_k) is needed.
+//   4. The top eigenpairs of B: Householder tridiagonalisation, all eigenvalues by implicit QL
+//      (no vectors), then only the needed eigenvectors by inverse iteration on the tridiagonal
+//      (re-orthogonalised within clusters, as LAPACK's dstein), back-transformed by the reflectors.
+// Squaring (B has eigenvalues σ²) costs nothing here: the σ threshold is σ_j² > 1e-8 σ_1², eight
+// orders above float64 rounding of B. The thresholds are those of snp_fast/ops/reference.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// One build runs everywhere; the hot d×d code gets an AVX-512 and an AVX2 clone chosen at load time.
+#define SNP_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SNP_MULTIVERSION
+#endif
+#define SNP_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+constexpr double kSigmaRtol = 1e-4;      // reference.singular_value_rtol(float32)
+constexpr double kPivotRtol = 1e-12;     // pivoted Cholesky stops below this fraction of max diag
+
+// Dot product; the simd reduction lets the compiler vectorise it (strict IEEE order would not).
+SNP_INLINE double dot(const double* a, const double* b, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Work arrays for one matrix of head dim d (allocated once per parallel chunk).
+struct Work {
+  explicit Work(int64_t d)
+      : R(d * d), C(d * d), A(d * d), V(d * d), Z(d * d), Zt(d * d), P(d * d), Pk(d * d), u1(d * d), u2(d * d),
+        mult(d * d), sw(d * d), ip(d * d), beta(d), diag(d), off(d), lam(d), dres(d), x(d), shift(d), cd(d), cs(d),
+        done(d), cluster(d) {}
+  std::vector<double> R, C, A, V, Z, Zt, P, Pk, u1, u2, mult, sw, ip;
+  std::vector<double> beta, diag, off, lam, dres, x, shift, cd, cs;
+  std::vector<char> done;
+  std::vector<int64_t> cluster;
+};
+
+// Pivoted Cholesky, rows of R (row-major r × d, original column order): RᵀR = G up to the dropped
+// Schur complement. Returns r.
+SNP_INLINE int64_t pivoted_cholesky(const double* G, int64_t d, Work& w) {
+  double* R = w.R.data();
+  double* dres = w.dres.data();
+  char* done = w.done.data();
+  double maxd = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    dres[j] = G[j * d + j];
+    done[j] = 0;
+    maxd = std::max(maxd, dres[j]);
+  }
+  if (!(maxd > 0)) return 0;
+  const double tol = kPivotRtol * maxd;
+  int64_t r = 0;
+  for (; r < d; ++r) {
+    int64_t p = -1;
+    double piv = tol;
+    for (int64_t j = 0; j < d; ++j)
+      if (!done[j] && dres[j] > piv) { piv = dres[j]; p = j; }
+    if (p < 0) break;
+    double* rs = R + r * d;
+    const double* gp = G + p * d;
+    for (int64_t j = 0; j < d; ++j) rs[j] = gp[j];
+    for (int64_t t = 0; t < r; ++t) {
+      const double* rt = R + t * d;
+      const double c = rt[p];
+      if (c == 0) continue;
+      for (int64_t j = 0; j < d; ++j) rs[j] -= c * rt[j];
+    }
+    const double sp = std::sqrt(piv), inv = 1.0 / sp;
+    for (int64_t j = 0; j < d; ++j) rs[j] = done[j] ? 0.0 : rs[j] * inv;
+    rs[p] = sp;
+    done[p] = 1;
+    for (int64_t j = 0; j < d; ++j) dres[j] -= rs[j] * rs[j];
+  }
+  return r;
+}
+
+// Householder tridiagonalisation of the symmetric n×n matrix A (row-major, full storage, destroyed):
+// A = H_0 ⋯ H_{n-3} T H_{n-3} ⋯ H_0, H_k = I − β_k v_k v_kᵀ acting on indices k+1..n−1 (v_k in row k of V).
+SNP_INLINE void tridiagonalize(double* A, int64_t n, Work& w) {
+  double* V = w.V.data();
+  double* beta = w.beta.data();
+  double* diag = w.diag.data();
+  double* off = w.off.data();
+  double* p = w.x.data();  // scratch of length n
+  for (int64_t k = 0; k + 2 < n; ++k) {
+    const int64_t m = n - k - 1;
+    double* ak = A + k * n + k + 1;  // row k right of the diagonal = column k below it
+    double* v = V + k * n + k + 1;
+    const double s2 = dot(ak + 1, ak + 1, m - 1);
+    diag[k] = A[k * n + k];
+    if (s2 == 0) {  // already tridiagonal in this column
+      off[k] = ak[0];
+      beta[k] = 0;
+      continue;
+    }
+    const double x0 = ak[0];
+    const double nrm = std::sqrt(x0 * x0 + s2);
+    const double alpha = x0 >= 0 ? -nrm : nrm;
+    for (int64_t i = 0; i < m; ++i) v[i] = ak[i];
+    v[0] -= alpha;
+    const double vtv = v[0] * v[0] + s2;
+    const double b = 2.0 / vtv;
+    beta[k] = b;
+    off[k] = alpha;
+    // trailing block A22 (rows/cols k+1..n-1): p = b A22 v, w = p − (b/2)(pᵀv) v, A22 −= v wᵀ + w vᵀ
+    double* A22 = A + (k + 1) * n + (k + 1);
+    for (int64_t j = 0; j < m; ++j) p[j] = 0;
+    for (int64_t i = 0; i < m; ++i) {  // p = A22 v as a sum of rows (A22 is symmetric): vectorises
+      const double* row = A22 + i * n;
+      const double vi = b * v[i];
+      for (int64_t j = 0; j < m; ++j) p[j] += vi * row[j];
+    }
+    const double K = 0.5 * b * dot(p, v, m);
+    for (int64_t i = 0; i < m; ++i) p[i] -= K * v[i];
+    for (int64_t i = 0; i < m; ++i) {
+      double* row = A22 + i * n;
+      const double vi = v[i], wi = p[i];
+      for (int64_t j = 0; j < m; ++j) row[j] -= vi * p[j] + wi * v[j];
+    }
+  }
+  if (n >= 2) {
+    diag[n - 2] = A[(n - 2) * n + (n - 2)];
+    off[n - 2] = A[(n - 2) * n + (n - 1)];
+  }
+  if (n >= 1) diag[n - 1] = A[(n - 1) * n + (n - 1)];
+  if (n >= 1) off[n - 1] = 0;
+}
+
+// All eigenvalues of the symmetric tridiagonal (d, e) by implicit QL with Wilkinson-type shifts
+// (no vectors); d is overwritten with them, e destroyed. Returns false if an eigenvalue did not converge.
+SNP_INLINE bool tql_values(double* d, double* e, int64_t n) {
+  if (n > 0) e[n - 1] = 0;
+  for (int64_t l = 0; l < n; ++l) {
+    int iter = 0;
+    int64_t m;
+    do {
+      for (m = l; m < n - 1; ++m) {
+        const double dd = std::fabs(d[m]) + std::fabs(d[m + 1]);
+        if (std::fabs(e[m]) <= DBL_EPSILON * dd) break;
+      }
+      if (m != l) {
+        if (iter++ == 60) return false;
+        double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+        double r = std::sqrt(g * g + 1.0);
+        g = d[m] - d[l] + e[l] / (g + (g >= 0 ? std::fabs(r) : -std::fabs(r)));
+        double s = 1.0, c = 1.0, p = 0.0;
+        int64_t i;
+        bool underflow = false;
+        for (i = m - 1; i >= l; --i) {
+          double f = s * e[i];
+          const double b = c * e[i];
+          r = std::sqrt(f * f + g * g);  // T is scaled to norm ~1: no overflow
+          e[i + 1] = r;
+          if (r == 0.0) {
+            d[i + 1] -= p;
+            e[m] = 0.0;
+            underflow = true;
+            break;
+          }
+          s = f / r;
+          c = g / r;
+          g = d[i + 1] - p;
+          r = (d[i] - g) * s + 2.0 * c * b;
+          p = s * r;
+          d[i + 1] = g + p;
+          g = c * r - b;
+        }
+        if (underflow) continue;
+        d[l] -= p;
+        e[l] = g;
+        e[m] = 0.0;
+      }
+    } while (m != l);
+  }
+  return true;
+}
+
+// LU with partial pivoting of T − λ_j I for m shifts at once (as LAPACK dlagtf, branch-free so that
+// the loop over shifts vectorises): factors stored [i][j]; U has two superdiagonals; pivots smaller
+// than `pert` are replaced by ±pert (T − λ_j I is singular to working precision by construction) and
+// stored inverted.
+SNP_INLINE void tri_lu_multi(const double* d, const double* e, int64_t n, const double* lam, int64_t m, double pert,
+                             Work& w) {
+  double *u1 = w.u1.data(), *u2 = w.u2.data(), *mult = w.mult.data(), *sw = w.sw.data(), *ip = w.ip.data();
+  double* cd = w.cd.data();
+  double* cs = w.cs.data();
+  auto inv_piv = [pert](double u) { return 1.0 / (std::fabs(u) >= pert ? u : (u >= 0 ? pert : -pert)); };
+  const double e0 = n > 1 ? e[0] : 0.0;
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) { cd[j] = d[0] - lam[j]; cs[j] = e0; }
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const double sub = e[i], b1 = i + 2 < n ? e[i + 1] : 0.0, di1 = d[i + 1];
+    double *U1 = u1 + i * m, *U2 = u2 + i * m, *M = mult + i * m, *S = sw + i * m, *IP = ip + i * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const double c = cd[j], t = cs[j], a1 = di1 - lam[j];
+      const bool swp = std::fabs(c) < std::fabs(sub);
+      const double num = swp ? c : sub, den = swp ? sub : c;
+      const double mu = den != 0 ? num / den : 0.0;
+      IP[j] = inv_piv(swp ? sub : c);
+      U1[j] = swp ? a1 : t;
+      U2[j] = swp ? b1 : 0.0;
+      M[j] = mu;
+      S[j] = swp ? 1.0 : 0.0;
+      cd[j] = swp ? t - mu * a1 : a1 - mu * t;
+      cs[j] = swp ? -mu * b1 : b1;
+    }
+  }
+  double* IP = ip + (n - 1) * m;
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) IP[j] = inv_piv(cd[j]);
+}
+
+// Solve (T − λ_j I) y_j = x_j in place for the m columns of X ([i][j] layout) with tri_lu_multi's factors.
+SNP_INLINE void tri_solve_multi(double* X, int64_t n, int64_t m, const Work& w) {
+  const double *u1 = w.u1.data(), *u2 = w.u2.data(), *mult = w.mult.data(), *sw = w.sw.data(), *ip = w.ip.data();
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    double *x0 = X + i * m, *x1 = X + (i + 1) * m;
+    const double *M = mult + i * m, *S = sw + i * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const double a = x0[j], b = x1[j];
+      const bool swp = S[j] != 0;
+      const double na = swp ? b : a, nb = swp ? a : b;
+      x0[j] = na;
+      x1[j] = nb - M[j] * na;
+    }
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {
+    double* x = X + i * m;
+    const double* IP = ip + i * m;
+    if (i + 2 < n) {
+      const double *x1 = X + (i + 1) * m, *x2 = X + (i + 2) * m, *U1 = u1 + i * m, *U2 = u2 + i * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) x[j] = (x[j] - U1[j] * x1[j] - U2[j] * x2[j]) * IP[j];
+    } else if (i + 1 < n) {
+      const double *x1 = X + (i + 1) * m, *U1 = u1 + i * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) x[j] = (x[j] - U1[j] * x1[j]) * IP[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) x[j] *= IP[j];
+    }
+  }
+}
+
+// Scores of one (image, head): adds ω_i (i < d) to out. gq, gk: d×d float64 Grams.
+SNP_MULTIVERSION void qk_one(const double* gq, const double* gk, int64_t d, int64_t gamma, double* out, Work& w) {
+  const int64_t r = pivoted_cholesky(gq, d, w);
+  if (r == 0) return;
+  const double* R = w.R.data();
+  // C = R G_k (r × d)
+  double* C = w.C.data();
+  for (int64_t s = 0; s < r; ++s) {
+    double* cs = C + s * d;
+    const double* rs = R + s * d;
+    for (int64_t j = 0; j < d; ++j) cs[j] = 0;
+    for (int64_t l = 0; l < d; ++l) {
+      const double c = rs[l];
+      if (c == 0) continue;
+      const double* gl = gk + l * d;
+      for (int64_t j = 0; j < d; ++j) cs[j] += c * gl[j];
+    }
+  }
+  // B = C Rᵀ (r × r, symmetric) into A
+  double* A = w.A.data();
+  for (int64_t s = 0; s < r; ++s) {
+    const double* cs = C + s * d;
+    for (int64_t t = 0; t <= s; ++t) {
+      const double* rt = R + t * d;
+      A[s * r + t] = dot(cs, rt, d);
+    }
+  }
+  for (int64_t s = 0; s < r; ++s)
+    for (int64_t t = s + 1; t < r; ++t) A[s * r + t] = A[t * r + s];  // symmetrise (B is symmetric in exact arithmetic)
+  const int64_t n = r;
+  tridiagonalize(A, n, w);
+  // keep T for inverse iteration; eigenvalues from copies
+  double* lam = w.lam.data();
+  double* e2 = w.P.data();  // scratch (P is written later)
+  double tscale = 0;
+  for (int64_t i = 0; i < n; ++i) tscale = std::max({tscale, std::fabs(w.diag[i]), std::fabs(w.off[i])});
+  if (!(tscale > 0)) return;
+  for (int64_t i = 0; i < n; ++i) { lam[i] = w.diag[i] / tscale; e2[i] = w.off[i] / tscale; }
+  TORCH_CHECK(tql_values(lam, e2, n), "qk_scores: tridiagonal QL iteration did not converge");
+  for (int64_t i = 0; i < n; ++i) lam[i] *= tscale;
+  std::sort(lam, lam + n, [](double a, double b) { return a > b; });
+  const double lam1 = lam[0];
+  if (!(lam1 > 0)) return;
+  int64_t m = 0;  // eigenpairs that count: the first γ with σ_j > 1e-4 σ_1
+  const double thr = kSigmaRtol * kSigmaRtol * lam1;
+  while (m < std::min(gamma, n) && lam[m] > thr) ++m;
+  // eigenvectors of T by inverse iteration, all m at once (columns of Zt, [i][j] layout), with
+  // modified Gram-Schmidt inside clusters of close eigenvalues after every solve (as LAPACK dstein)
+  const double* td = w.diag.data();
+  const double* te = w.off.data();
+  double tnorm = 0;
+  for (int64_t i = 0; i < n; ++i)
+    tnorm = std::max(tnorm, std::fabs(td[i]) + (i > 0 ? std::fabs(te[i - 1]) : 0.0) + (i + 1 < n ? std::fabs(te[i]) : 0.0));
+  const double pert = DBL_EPSILON * tnorm;
+  const double ortol = 1e-3 * tnorm;
+  const double sep = 10 * DBL_EPSILON * tnorm;
+  double* shift = w.shift.data();
+  int64_t* cluster = w.cluster.data();  // first index of j's cluster
+  for (int64_t j = 0; j < m; ++j) {
+    shift[j] = lam[j];
+    cluster[j] = j;
+    if (j > 0) {
+      if (shift[j - 1] - shift[j] <= ortol) cluster[j] = cluster[j - 1];
+      if (shift[j] > shift[j - 1] - sep) shift[j] = shift[j - 1] - sep;  // separate (numerically) equal eigenvalues
+    }
+  }
+  tri_lu_multi(td, te, n, shift, m, pert, w);
+  double* Zt = w.Zt.data();
+  double* Z = w.Z.data();  // rows: eigenvectors (length n)
+  for (int64_t j = 0; j < m; ++j) {
+    uint64_t state = 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(j + 1);
+    for (int64_t i = 0; i < n; ++i) {  // deterministic pseudo-random start in (-1, 1)
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      Zt[i * m + j] = static_cast<double>(state >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+    }
+  }
+  for (int it = 0; it < 2; ++it) {
+    tri_solve_multi(Zt, n, m, w);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) Z[j * n + i] = Zt[i * m + j];
+    for (int64_t j = 0; j < m; ++j) {
+      double* z = Z + j * n;
+      for (int64_t c = cluster[j]; c < j; ++c) {
+        const double* zc = Z + c * n;
+        const double proj = dot(zc, z, n);
+        for (int64_t i = 0; i < n; ++i) z[i] -= proj * zc[i];
+      }
+      double nrm = std::sqrt(dot(z, z, n));
+      if (!(nrm > 0)) { z[j % n] = 1; nrm = 1; }
+      const double inv = 1.0 / nrm;
+      for (int64_t i = 0; i < n; ++i) z[i] *= inv;
+    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) Zt[i * m + j] = Z[j * n + i];
+  }
+  // back-transform X = H_0 ⋯ H_{n-3} Z, applied to all m columns of Zt at once
+  double* proj = w.cd.data();
+  for (int64_t k = n - 3; k >= 0; --k) {
+    const double b = w.beta[k];
+    if (b == 0) continue;
+    const double* v = w.V.data() + k * n + k + 1;
+    double* zt = Zt + (k + 1) * m;
+    const int64_t len = n - k - 1;
+    for (int64_t j = 0; j < m; ++j) proj[j] = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const double vi = b * v[i];
+      const double* row = zt + i * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) proj[j] += vi * row[j];
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      const double vi = v[i];
+      double* row = zt + i * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) row[j] -= vi * proj[j];
+    }
+  }
+  // P = X R, Pk = X C (m × d), then the scores
+  double* P = w.P.data();
+  double* Pk = w.Pk.data();
+  for (int64_t j = 0; j < m; ++j) {
+    double* pj = P + j * d;
+    double* pkj = Pk + j * d;
+    for (int64_t i = 0; i < d; ++i) { pj[i] = 0; pkj[i] = 0; }
+    for (int64_t s = 0; s < n; ++s) {
+      const double xs = Zt[s * m + j];
+      const double* rs = R + s * d;
+      const double* cs = C + s * d;
+      for (int64_t i = 0; i < d; ++i) { pj[i] += xs * rs[i]; pkj[i] += xs * cs[i]; }
+    }
+  }
+  double* acc = w.x.data();
+  for (int64_t i = 0; i < d; ++i) acc[i] = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const double inv_sigma = 1.0 / std::sqrt(lam[j]);
+    const double* pj = P + j * d;
+    const double* pkj = Pk + j * d;
+    for (int64_t i = 0; i < d; ++i) acc[i] += std::fabs(pj[i] * pkj[i]) * inv_sigma;
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    const double qn2 = gq[i * d + i], kn2 = gk[i * d + i];
+    if (qn2 > 0 && kn2 > 0) out[i] += acc[i] / std::sqrt(qn2 * kn2);
+  }
+}
+
+at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes(), "qk_scores: q and k must both be (B, H, N, d) with equal shapes, got ",
+              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(k.scalar_type()),
+              "qk_scores: q and k must be floating point, got ", q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "qk_scores (CPU kernel): q and k must be CPU tensors");
+  TORCH_CHECK(gamma >= 1, "qk_scores: gamma must be >= 1, got ", gamma);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  auto out64 = at::zeros({B, H, d}, q.options().dtype(at::kDouble));
+  if (B == 0 || H == 0 || d == 0 || N == 0) return out64.sum(0).to(at::kFloat);
+  const int64_t g = std::min({gamma, N, d});
+  // images per chunk: bound the float64 copies of the activations to ~32 MiB each
+  const int64_t per_image = H * N * d * static_cast<int64_t>(sizeof(double));
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(per_image, 1));
+  double* out = out64.data_ptr<double>();
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t nb = std::min(chunk, B - b0);
+    auto qd = q.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
+    auto kd = k.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
+    auto gq = at::matmul(qd.transpose(1, 2), qd).contiguous();
+    auto gk = at::matmul(kd.transpose(1, 2), kd).contiguous();
+    const double* gqp = gq.data_ptr<double>();
+    const double* gkp = gk.data_ptr<double>();
+    double* outc = out + b0 * H * d;
+    at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
+      Work w(d);
+      for (int64_t t = begin; t < end; ++t) qk_one(gqp + t * d * d, gkp + t * d * d, d, g, outc + t * d, w);
+    });
+  }
+  return out64.sum(0).to(at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(snp_fast, CPU, m) {
+  m.impl("qk_scores", &qk_scores_cpu);
+}

@@ -1,0 +1,324 @@
+"""Kernel tests: every backend available here against a float64 oracle (snp_fast/ops/reference.py).
+
+Tolerance rule (flash-attention's): a kernel's error against the float64 oracle may be at most twice
+the error of the plain-PyTorch reference at the same input precision, plus a floor of a few float32
+ulps of the output (the kernels return float32, so even an exact kernel is off by its rounding).
+CUDA tests are skipped without a GPU; Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py)
+on small shapes.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+import snp_fast.ops as ops
+from snp_fast.ops import reference
+
+CPU_BACKENDS = [b for b in ('cpu', 'triton') if b in ops.available_backends('redundancy_scores', 'cpu')]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def assert_close_verbose(actual, expected, tol, what=''):
+    """Max-abs check that prints the first mismatches (index, actual, expected) when it fails."""
+    err = (actual.double() - expected.double()).abs()
+    bad = err > tol
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        rows = [f'  {tuple(i)}: got {actual[tuple(i)].item():.8g}, want {expected[tuple(i)].item():.8g}' for i in idx]
+        raise AssertionError(f'{what}: {int(bad.sum())} of {err.numel()} entries off by more than {tol:.3g} '
+                             f'(max {err.max().item():.3g}); first:\n' + '\n'.join(rows))
+
+
+def backends_for(op, device='cpu'):
+    return [b for b in ops.available_backends(op, device) if b != 'reference']
+
+
+# --- qk_scores ------------------------------------------------------------------------------------
+def literal_all_gammas(q, k, dtype):
+    """qk_scores_literal (the N×N formula of reference.py) for every gamma from one SVD: returns
+    gamma -> (H, d) float64 scores. In float64 it is the oracle, but with the float32 threshold
+    (σ_j > 1e-4 σ_1) that the kernels implement; in float32 it is the plain-PyTorch error baseline."""
+    qc, kc = q.to(dtype), k.to(dtype)
+    u, s, vh = torch.linalg.svd(qc @ kc.transpose(-1, -2), full_matrices=False)
+    rel = s / s[..., :1].clamp_min(torch.finfo(dtype).tiny)
+    if dtype == torch.float64:  # a σ_j within 1% of the threshold would make the case ambiguous
+        assert not ((rel > 0.99e-4) & (rel < 1.01e-4)).any(), 'test case has a singular value at the threshold'
+    valid = s > s[..., :1] * reference.singular_value_rtol(torch.float32)
+    zero = torch.zeros((), dtype=dtype)
+    qn, kn = qc.norm(dim=-2).unsqueeze(-2), kc.norm(dim=-2).unsqueeze(-2)
+    cu = torch.where(qn > 0, (u.transpose(-1, -2) @ qc) / qn.clamp_min(torch.finfo(dtype).tiny), zero)
+    cv = torch.where(kn > 0, (vh @ kc) / kn.clamp_min(torch.finfo(dtype).tiny), zero)
+    terms = (cu * cv).abs() * valid.unsqueeze(-1)                    # (B, H, min(N, N), d)
+    return lambda gamma: terms[..., :gamma, :].sum(-2).sum(0).double()
+
+
+def qk_oracle(q, k, gamma):
+    return literal_all_gammas(q, k, torch.float64)(gamma)
+
+
+def check_qk(q, k, gammas, backend):
+    oracle, plain = literal_all_gammas(q, k, torch.float64), literal_all_gammas(q, k, torch.float32)
+    for gamma in gammas:
+        want = oracle(gamma)
+        got = ops.qk_scores(q, k, gamma, backend=backend)
+        assert got.shape == (q.shape[1], q.shape[3]) and got.dtype == torch.float32
+        assert torch.isfinite(got).all()
+        torch_err = (plain(gamma) - want).abs().max().item()
+        tol = 2 * torch_err + 8 * EPS32 * max(1.0, want.abs().max().item())
+        assert_close_verbose(got, want, tol, f'qk_scores[{backend}] {tuple(q.shape)} gamma={gamma} {q.dtype}')
+
+
+QK_SHAPES = [  # (B, H, N, d): every head dim, N = 1, 7, 50, 197 (577 for the widest heads)
+    (b, h, n, d) for (d, n), (b, h) in zip(itertools.product((16, 32, 48, 64, 80, 96, 128), (1, 7, 50, 197)),
+                                            itertools.cycle([(1, 2), (3, 1), (2, 2), (8, 1)]))
+] + [(1, 1, 577, 64), (1, 1, 577, 128)]
+
+
+@pytest.mark.parametrize('backend', backends_for('qk_scores') or ['cpu'])
+@pytest.mark.parametrize('shape', QK_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_qk_scores_random(backend, shape):
+    if backend not in ops.available_backends('qk_scores', 'cpu'):
+        pytest.skip(f'{backend} not available')
+    b, h, n, d = shape
+    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
+    q = torch.randn(shape, generator=gen)
+    k = torch.randn(shape, generator=gen) * 3 + 0.5
+    check_qk(q, k, sorted({1, d // 2, d, 10 * d}), backend)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_qk_scores_low_precision_inputs(dtype):
+    for backend in backends_for('qk_scores'):
+        for shape in [(2, 2, 50, 32), (1, 3, 197, 64)]:
+            q = torch.randn(shape).to(dtype)
+            k = torch.randn(shape).to(dtype)
+            check_qk(q, k, [shape[-1] // 2], backend)
+
+
+def _degenerate_cases():
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q = r(2, 2, 60, 32)
+    k = r(2, 2, 60, 32)
+    zq, zk = q.clone(), k.clone()
+    zq[..., 3] = 0                      # dead query filter
+    zk[..., 5] = 0                      # dead key filter
+    zq[0, 1] = 0                        # a head whose queries are all zero
+    dup = q.clone()
+    dup[..., 16:] = dup[..., :16]       # exactly rank 16
+    low = r(2, 2, 60, 4) @ r(2, 2, 4, 32)  # rank 4 (up to float32 rounding)
+    return {
+        'zero_filters': (zq, zk),
+        'duplicate_columns': (dup, k),
+        'low_rank_both': (low, r(2, 2, 60, 6) @ r(2, 2, 6, 32)),
+        'q_equals_k': (q, q),
+        'n_less_than_d': (r(2, 2, 5, 48), r(2, 2, 5, 48)),
+        'n_equals_1': (r(3, 2, 1, 16), r(3, 2, 1, 16)),
+        'all_zero': (torch.zeros(1, 2, 9, 16), r(1, 2, 9, 16)),
+        'scaled_1e4': (q * 1e4, k * 1e-3),
+    }
+
+
+@pytest.mark.parametrize('case', list(_degenerate_cases()))
+def test_qk_scores_degenerate(case):
+    q, k = _degenerate_cases()[case]
+    for backend in backends_for('qk_scores'):
+        check_qk(q, k, (1, 4, q.shape[-1]), backend)
+
+
+def test_qk_scores_helpers_match_reference():
+    q, k = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
+    want = qk_oracle(q, k, 8)
+    assert_close_verbose(reference.qk_scores_literal(q, k, 8), want, 1e-4, 'qk_scores_literal')
+    assert_close_verbose(reference.qk_scores_dxd(q, k, 8), want, 1e-4, 'qk_scores_dxd')
+    assert_close_verbose(literal_all_gammas(q, k, torch.float32)(8), reference.qk_scores_literal(q, k, 8), 1e-6, 'helper')
+
+
+def test_qk_scores_errors():
+    q = torch.randn(1, 2, 5, 8)
+    for backend in backends_for('qk_scores'):
+        with pytest.raises((RuntimeError, ValueError), match='gamma'):
+            ops.qk_scores(q, q, 0, backend=backend)
+        with pytest.raises((RuntimeError, ValueError), match='equal shapes'):
+            ops.qk_scores(q, q[..., :4], 2, backend=backend)
+
+
+# --- redundancy_scores ----------------------------------------------------------------------------
+def redundancy_oracle(w):
+    w = w.double()
+    n = w.norm(dim=1)
+    wn = torch.where(n[:, None] > 0, w / n.clamp_min(1e-300)[:, None], torch.zeros_like(w))
+    om = w.shape[0] - (wn @ wn.t()).abs().sum(1)
+    return torch.where(n > 0, om, torch.zeros_like(om))
+
+
+def check_redundancy(w, backend):
+    want = redundancy_oracle(w)
+    got = ops.redundancy_scores(w, backend=backend)
+    assert got.shape == (w.shape[0],) and got.dtype == torch.float32
+    torch_err = (reference.redundancy_scores_full(w) - want).abs().max().item()
+    tol = 2 * torch_err + 4 * EPS32 * w.shape[0]
+    assert_close_verbose(got, want, tol, f'redundancy_scores[{backend}] {tuple(w.shape)} {w.dtype}')
+
+
+RED_SHAPES = [(1, 1), (1, 5), (2, 3), (7, 3), (13, 1), (31, 64), (300, 64), (1023, 77), (1024, 256), (2053, 37)]
+
+
+@pytest.mark.parametrize('backend', backends_for('redundancy_scores') or ['cpu'])
+@pytest.mark.parametrize('shape', RED_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_redundancy_random(backend, shape):
+    if backend not in ops.available_backends('redundancy_scores', 'cpu'):
+        pytest.skip(f'{backend} not available')
+    if backend == 'triton' and shape[0] * shape[1] > 100_000:
+        pytest.skip('the Triton interpreter is slow: small shapes only')
+    g = torch.Generator().manual_seed(shape[0] * 7919 + shape[1])
+    w = torch.randn(shape, generator=g)
+    if shape[0] > 2:
+        w[1] = 0                        # dead filter: score 0
+        w[2] = -3 * w[0]                # exactly collinear pair: |cos| = 1
+    check_redundancy(w, backend)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_redundancy_low_precision(dtype):
+    w = torch.randn(257, 96).to(dtype)
+    for backend in backends_for('redundancy_scores'):
+        check_redundancy(w, backend)
+
+
+def test_redundancy_all_zero():
+    for backend in backends_for('redundancy_scores'):
+        assert ops.redundancy_scores(torch.zeros(5, 4), backend=backend).eq(0).all()
+
+
+# --- gram -----------------------------------------------------------------------------------------
+GRAM_SHAPES = [(1, 1), (3, 2), (5, 300), (1, 513), (257, 700), (1000, 1023), (64, 1031)]
+
+
+def check_gram(x, backend):
+    want = x.double().t() @ x.double()
+    got = ops.gram(x, backend=backend)
+    assert got.shape == (x.shape[1], x.shape[1]) and got.dtype == torch.float32
+    torch_err = (reference.gram_full(x) - want).abs().max().item()
+    tol = 2 * torch_err + 4 * EPS32 * want.abs().max().item()
+    assert_close_verbose(got, want, tol, f'gram[{backend}] {tuple(x.shape)} {x.dtype}')
+
+
+@pytest.mark.parametrize('backend', backends_for('gram') or ['cpu'])
+@pytest.mark.parametrize('shape', GRAM_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+def test_gram_random(backend, shape):
+    if backend not in ops.available_backends('gram', 'cpu'):
+        pytest.skip(f'{backend} not available')
+    if backend == 'triton' and shape[0] * shape[1] ** 2 > 2e7:
+        pytest.skip('the Triton interpreter is slow: small shapes only')
+    g = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
+    x = torch.randn(shape, generator=g)
+    x[:, shape[1] // 2] = 0
+    check_gram(x, backend)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_gram_low_precision_and_accumulate(dtype):
+    x = torch.randn(100, 300).to(dtype)
+    for backend in backends_for('gram'):
+        check_gram(x, backend)
+        acc = torch.ones(300, 300)
+        ops.gram(x, out=acc, backend=backend)
+        assert_close_verbose(acc, 1 + x.double().t() @ x.double(), 1e-3, f'gram out= [{backend}]')
+
+
+def test_gram_noncontiguous_input():
+    x = torch.randn(300, 200).t()        # (200, 300), column-major
+    for backend in backends_for('gram'):
+        check_gram(x, backend)
+
+
+# --- gather_slices --------------------------------------------------------------------------------
+def test_gather_slices_matches_loop():
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(7, 5, generator=g), torch.randn(11, generator=g), torch.randn(4, 6, 3, generator=g),
+               torch.randn(2, 9, generator=g).to(torch.bfloat16)]
+    slices = [[(0, torch.tensor([0, 3, 6])), (1, torch.tensor([4, 1]))],
+              [(0, torch.tensor([10, 0, 5]))],
+              [(2, torch.tensor([2])), (0, torch.tensor([1, 3]))],
+              [(-1, torch.tensor([], dtype=torch.long))]]
+    want = reference.gather_slices_loop(tensors, slices)
+    for backend in backends_for('gather_slices'):
+        got = ops.gather_slices(tensors, slices, backend=backend)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) and a.is_contiguous()
+
+
+def test_gather_slices_rejects_bad_index():
+    for backend in backends_for('gather_slices'):
+        with pytest.raises(RuntimeError, match='out of range'):
+            ops.gather_slices([torch.randn(3)], [[(0, torch.tensor([3]))]], backend=backend)
+
+
+# --- torch.library.opcheck (schemas, fake kernels, dispatch) on the CPU kernels ---------------------
+@pytest.mark.skipif(ops.extension() is None, reason='compiled extension not built')
+@pytest.mark.parametrize('name,args', [
+    ('qk_scores', lambda: (torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8), 3)),
+    ('redundancy_scores', lambda: (torch.randn(37, 11),)),
+    ('gram', lambda: (torch.randn(19, 300),)),
+    ('gather_slices', lambda: ([torch.randn(4, 5), torch.randn(6)], [0, 0], [torch.tensor([1, 3]), torch.tensor([5])],
+                               [1, 0], [torch.tensor([0, 4]), None])),
+])
+def test_opcheck(name, args):
+    if not ops.has_kernel(name, 'CPU'):
+        pytest.skip(f'no CPU kernel for {name}')
+    torch.library.opcheck(getattr(torch.ops.snp_fast, name).default, args())
+
+
+# --- CUDA (skipped without a GPU) -----------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize('shape', [(2, 2, 50, 32), (4, 3, 197, 64), (1, 2, 577, 128), (2, 1, 7, 80), (3, 2, 1, 16)])
+def test_qk_scores_cuda(shape):
+    for backend in backends_for('qk_scores', 'cuda'):
+        q = torch.randn(shape, device='cuda')
+        k = torch.randn(shape, device='cuda')
+        q[..., 1] = 0
+        for gamma in (1, shape[-1] // 2, shape[-1]):
+            want = qk_oracle(q.cpu(), k.cpu(), gamma)
+            got = ops.qk_scores(q, k, gamma, backend=backend).cpu()
+            torch_err = (reference.qk_scores_literal(q.cpu(), k.cpu(), gamma) - want).abs().max().item()
+            tol = 2 * torch_err + 8 * EPS32 * max(1.0, want.abs().max().item())
+            assert_close_verbose(got, want, tol, f'qk_scores[{backend}] {shape} gamma={gamma}')
+
+
+@requires_cuda
+@pytest.mark.parametrize('shape', [(1, 1), (7, 3), (1023, 77), (1024, 1024), (4096, 1024)])
+def test_redundancy_cuda(shape):
+    for backend in backends_for('redundancy_scores', 'cuda'):
+        w = torch.randn(shape)
+        if shape[0] > 2:
+            w[1] = 0
+        want = redundancy_oracle(w)
+        got = ops.redundancy_scores(w.cuda(), backend=backend).cpu()
+        tol = 2 * (reference.redundancy_scores_full(w) - want).abs().max().item() + 4 * EPS32 * shape[0]
+        assert_close_verbose(got, want, tol, f'redundancy_scores[{backend}] {shape}')
+
+
+@requires_cuda
+@pytest.mark.parametrize('shape', [(1, 1), (5, 300), (1000, 1023), (4096, 1031), (12608, 1024)])
+def test_gram_cuda(shape):
+    for backend in backends_for('gram', 'cuda'):
+        x = torch.randn(shape)
+        want = x.double().t() @ x.double()
+        got = ops.gram(x.cuda(), backend=backend).cpu()
+        # the GPU reference runs with TF32 off: compare with plain torch fp32 on the CPU
+        tol = 2 * (reference.gram_full(x) - want).abs().max().item() + 4 * EPS32 * want.abs().max().item()
+        assert_close_verbose(got, want, tol, f'gram[{backend}] {shape}')
+
+
+@requires_cuda
+def test_gather_slices_cuda():
+    tensors = [torch.randn(7, 5, device='cuda'), torch.randn(11, device='cuda'), torch.randn(4, 6, 3, device='cuda')]
+    slices = [[(0, torch.tensor([0, 3, 6])), (1, torch.tensor([4, 1]))], [(0, torch.tensor([10, 0, 5]))],
+              [(2, torch.tensor([2])), (0, torch.tensor([1, 3]))]]
+    want = reference.gather_slices_loop(tensors, slices)
+    for backend in backends_for('gather_slices', 'cuda'):
+        for a, b in zip(ops.gather_slices(tensors, slices, backend=backend), want):
+            assert torch.equal(a, b) and a.is_contiguous()
