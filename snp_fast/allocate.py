@@ -10,8 +10,10 @@ The rule (one global knob, like the authors' hand-made presets, which prune deep
 
 At s = 1 this is close to the authors' DeiT-S 2.0 GMACs setting (q/k 0.61 -> 0.8, v and fc1 0.2 ->
 0.8, embedding 0.2). Every ratio grows with s, so the model's MACs (or parameters) fall monotonically
-with s, and s is found by bisection on [0, S_MAX]; the closest setting found must be within `tol`
-(default 2 %) of the target, else an error says what is reachable. Widths are counted exactly as
+with s, and s is found by bisection on [0, S_MAX]. When the widths are too coarse for the closest s to
+land within `tol` (default 2 %) of the target (tiny models, large round_to), single widths (the
+embedding, or one block's fc1) are then moved one step at a time, greedily, towards the target; if that
+still misses, an error says what is reachable. Widths are counted exactly as
 prune() counts them (snp_fast.ratios.target_dims, per-head rounding), optionally rounded to multiples
 of `round_to` (see round_dims), and the MACs are counted by snp_fast.count_macs on a meta-device copy
 (no compute, no memory), so the achieved value equals what prune() reports.
@@ -163,12 +165,9 @@ def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: in
         return round_dims(orig, d, round_to)
 
     def cost(s: float) -> int:
-        d = dims_at(s)
-        key = repr(d.to_dict())
-        if key not in cache:
-            cache[key] = dims_cost(meta, d, metric, input_size)
-        history.append((s, cache[key]))
-        return cache[key]
+        c = _cached_cost(cache, meta, dims_at(s), metric, input_size)
+        history.append((s, c))
+        return c
 
     original = dims_cost(meta, orig, metric, input_size)
     if target > original * (1 + tol):
@@ -193,14 +192,55 @@ def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: in
         if abs(best[1] - target) <= 0.001 * target or hi - lo < 1e-6:
             break
     s, achieved = best
+    dims = dims_at(s)
+    if abs(achieved / target - 1) > tol:   # coarse steps (small model, large round_to): nudge single widths
+        dims, achieved = _refine(dims, orig, achieved, target, tol, max(1, round_to),
+                                 lambda d: _cached_cost(cache, meta, d, metric, input_size))
     if abs(achieved / target - 1) > tol:
         raise ValueError(f'{flag} target {format_quantity(target)} {unit} cannot be met within {tol:.0%}: the closest '
                          f'setting has {format_quantity(achieved)}'
                          + (f' (widths rounded to multiples of {round_to}; try a smaller --round-to)' if round_to > 1
                             else ' (the model is too small for this granularity)'))
-    dims = dims_at(s)
     return Allocation(metric, float(target), int(achieved), int(original), s, dims, ratios_for_dims(orig, dims),
                       round_to, len(cache), history)
+
+
+def _cached_cost(cache: Dict[str, int], meta: nn.Module, dims: ModelDims, metric: str, input_size) -> int:
+    key = repr(dims.to_dict())
+    if key not in cache:
+        cache[key] = dims_cost(meta, dims, metric, input_size)
+    return cache[key]
+
+
+def _refine(dims: ModelDims, orig: ModelDims, achieved: int, target: float, tol: float, step: int, cost,
+            rounds: int = 32) -> Tuple[ModelDims, int]:
+    """Greedy: move the embedding or one block's fc1 width by one step (round_to) while that brings the
+    cost closer to the target; stops within tol/4 of the target or when no single move helps."""
+    import copy
+    for _ in range(rounds):
+        if abs(achieved / target - 1) <= tol / 4:
+            break
+        cands = []
+        for delta in (-step, step):
+            e = dims.embed + delta
+            if step <= e <= orig.embed:
+                d = copy.deepcopy(dims)
+                d.embed = e
+                cands.append(d)
+            for i, (b, o) in enumerate(zip(dims.blocks, orig.blocks)):
+                m = b.mlp + delta
+                if min(step, o.mlp) <= m <= o.mlp:
+                    d = copy.deepcopy(dims)
+                    d.blocks[i].mlp = m
+                    cands.append(d)
+        scored = [(abs(cost(d) - target), cost(d), d) for d in cands]
+        if not scored:
+            break
+        err, c, d = min(scored, key=lambda x: x[0])
+        if err >= abs(achieved - target):
+            break
+        dims, achieved = d, c
+    return dims, achieved
 
 
 def rounded_ratios(model: nn.Module, spec, round_to: int) -> Tuple[Dict, ModelDims]:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 import time
 import traceback
 from typing import List, Optional
@@ -92,19 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('bench', help='latency of the original vs the pruned model',
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description='Latency (median over --repeats after --warmup calls, random input) of the '
-                                   'original vs the pruned model. MODEL_OR_DIR: a directory written by "prune" (the '
-                                   'original is rebuilt from its recipe), or a timm name, optionally with --preset / '
-                                   '--ratios / --flops / --params to time a pruned architecture of random weights '
-                                   '(latency does not depend on the weights).', epilog=ALLOC_HELP)
+                       description=textwrap.fill(
+                           'Latency (median over --repeats after --warmup calls, random input; the two models timed '
+                           'in alternation) of the original vs the pruned model. MODEL_OR_DIR: a directory written by '
+                           '"prune" (the original is rebuilt from its recipe), or a timm name, optionally with '
+                           '--preset / --ratios / --flops / --params to time a pruned architecture of random weights '
+                           '(latency does not depend on the weights).', 100), epilog=ALLOC_HELP)
     p.add_argument('target', metavar='MODEL_OR_DIR')
     _add_model_args(p)
     t = p.add_mutually_exclusive_group()
-    t.add_argument('--preset', metavar='NAME')
-    t.add_argument('--ratios', metavar='FILE.json')
-    t.add_argument('--flops', metavar='MACS')
-    t.add_argument('--params', metavar='N')
-    p.add_argument('--round-to', type=int, default=1, metavar='N')
+    t.add_argument('--preset', metavar='NAME', help='with a MODEL name: time the architecture of this preset')
+    t.add_argument('--ratios', metavar='FILE.json', help='with a MODEL name: ratios as in "prune --ratios"')
+    t.add_argument('--flops', metavar='MACS', help='with a MODEL name: the allocation for this MACs target')
+    t.add_argument('--params', metavar='N', help='with a MODEL name: the allocation for this parameter target')
+    p.add_argument('--round-to', type=int, default=1, metavar='N', help='keep widths multiples of N where possible')
     p.add_argument('--batch', default='1,8,64', metavar='B1,B2,...', help='batch sizes (default 1,8,64)')
     p.add_argument('--onnx', action='store_true', help='also time ONNX Runtime (CPU)')
     p.add_argument('--compile', action='store_true', help='also time torch.compile')
@@ -274,10 +276,14 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
             raise UsageError(str(e)) from None
         return a.ratios, None, a
     if args.preset:
-        from .presets import list_presets
+        from .presets import list_presets, load_preset
         if args.preset not in list_presets():
             raise UsageError(f'--preset {args.preset!r} is not a preset; available: {", ".join(list_presets())}')
         spec, where = args.preset, f'--preset {args.preset}'
+        made_for = load_preset(args.preset).get('model')
+        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+        if made_for and arch and made_for != arch:
+            _log(f'warning: --preset {args.preset} was made for {made_for}, not {arch}')
     else:
         path = args.ratios
         where = f'--ratios {path}'

@@ -316,3 +316,10 @@ def test_allocate_deit_small_meta():
         al.allocate(m, 1e8)
     with pytest.raises(ValueError, match='above the unpruned'):
         al.allocate(m, 5e9)
+
+
+def test_bench_model_name_with_target(capsys):
+    rc, text = main_rc(capsys, 'bench', TINY_NAME, '--model-kwargs', TINY_KW, '--flops', '1M', '--round-to', 4,
+                       '--batch', '1', '--repeats', 1, '--warmup', 0, '--quiet')
+    assert rc == 0, text
+    assert 'random weights' in text and 'speedup' in text and 'allocation: MACs target 1.000M' in text
