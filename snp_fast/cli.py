@@ -534,8 +534,10 @@ def cmd_bench(args) -> int:
             pruned = vit.apply_dims(meta_copy(original), dims).to_empty(device=device)
             _random_init_(pruned)
             pruned = pruned.eval()
-            what += ', pruned architecture ' + (f'preset {preset}' if preset else
-                                                alloc.describe() if alloc else f'ratios {args.ratios}')
+            what += ', pruned architecture ' + (f'preset {preset}' if preset else f'--flops {args.flops}' if args.flops
+                                                else f'--params {args.params}' if args.params else f'ratios {args.ratios}')
+            if args.round_to > 1:
+                what += f' --round-to {args.round_to}'
     macs_o = snp_fast.count_macs(original)
     macs_p = snp_fast.count_macs(pruned) if pruned is not None else None
     _log(f'timing {what}: backends {", ".join(backends)}, batches {batches}, {args.repeats} repeats after '

@@ -62,6 +62,13 @@ def attention_maps(model: nn.Module, image: torch.Tensor, blocks: Optional[Seque
     return out
 
 
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    den = (a.norm() * b.norm()).item()
+    return (a @ b).item() / den if den > 0 else float('nan')
+
+
 def default_blocks(depth: int, n: int = 4) -> List[int]:
     if depth <= n:
         return list(range(depth))
@@ -71,7 +78,8 @@ def default_blocks(depth: int, n: int = 4) -> List[int]:
 def plot_attention(original: nn.Module, pruned: nn.Module, image: torch.Tensor, path: Optional[str] = None,
                    blocks: Optional[Sequence[int]] = None, title: Optional[str] = None) -> bytes:
     """PNG (returned as bytes, and written to `path` if given): the image, then per block the original
-    and pruned CLS attention maps (rows: original, pruned), with the cosine similarity of each pair."""
+    and pruned CLS attention maps (rows: original, pruned; one colour scale per block) with the Pearson
+    correlation r of each pair over the patches."""
     import matplotlib
     matplotlib.use('Agg', force=True)
     import matplotlib.pyplot as plt
@@ -92,13 +100,13 @@ def plot_attention(original: nn.Module, pruned: nn.Module, image: torch.Tensor, 
             ax = axes[r][c]
             ax.imshow(img, cmap=None if img.ndim == 3 else 'gray', alpha=0.35,
                       extent=(0, maps[i].shape[1], maps[i].shape[0], 0))
+            lo, hi = min(mo[i].min().item(), mp[i].min().item()), max(mo[i].max().item(), mp[i].max().item())
             ax.imshow(maps[i].numpy(), cmap='inferno', alpha=0.75, extent=(0, maps[i].shape[1], maps[i].shape[0], 0),
-                      interpolation='nearest')
+                      interpolation='nearest', vmin=lo, vmax=hi)
             if r == 0:
                 ax.set_title(f'block {i}', fontsize=9)
             else:
-                cos = torch.nn.functional.cosine_similarity(mo[i].flatten(), mp[i].flatten(), dim=0).item()
-                ax.set_title(f'block {i} (cos {cos:.2f})', fontsize=9)
+                ax.set_title(f'block {i} (r = {_pearson(mo[i], mp[i]):.2f})', fontsize=9)
             ax.axis('off')
     fig.suptitle(title or 'CLS-token attention over patches (mean over heads): original vs pruned', fontsize=10)
     fig.tight_layout()
