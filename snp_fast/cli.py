@@ -192,10 +192,12 @@ def _create_pretrained(name: str, kwargs: dict):
     import timm
     from .models.vit import check_supported
     offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('', '0', 'false', 'False') or not _hub_reachable()
+    hc = saved = None
+    saved_env = os.environ.get('HF_HUB_OFFLINE')
     if offline:  # no retries against an unreachable hub: use the local cache or fail at once
         try:
             import huggingface_hub.constants as hc
-            hc.HF_HUB_OFFLINE = True
+            saved, hc.HF_HUB_OFFLINE = hc.HF_HUB_OFFLINE, True
         except ImportError:
             pass
         os.environ['HF_HUB_OFFLINE'] = '1'
@@ -206,6 +208,14 @@ def _create_pretrained(name: str, kwargs: dict):
                if offline else f'{type(e).__name__}: {e}')
         raise UsageError(f'--pretrained: cannot get pretrained weights for {name!r}: {why}. Download them where there '
                          f'is internet and pass --checkpoint PATH instead.') from None
+    finally:
+        if offline:
+            if hc is not None:
+                hc.HF_HUB_OFFLINE = saved
+            if saved_env is None:
+                os.environ.pop('HF_HUB_OFFLINE', None)
+            else:
+                os.environ['HF_HUB_OFFLINE'] = saved_env
     check_supported(model)
     return model
 
