@@ -428,15 +428,15 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
     p = f'blocks.{i}'
 
     n1 = _apply(pb.norm1, xp, batch)
-    stats[f'{p}.attn.qkv'] = _fit(pb.attn.qkv, n1, cap['qkv'].index_select(-1, qkv_rows), rows, damp, backend)
+    stats[f'{p}.attn.qkv'] = _fit(pb.attn.qkv, n1, cap['qkv'][..., qkv_rows], rows, damp, backend)
     _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in')}, batch)
-    stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap['proj_out'].index_select(-1, e), rows, damp, backend)
+    stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap['proj_out'][..., e], rows, damp, backend)
     xp_mid = xp + _apply(lambda t: pb.ls1(pb.attn.proj(t)), c['ctx'], batch)
     del n1, c
     n2 = _apply(pb.norm2, xp_mid, batch)
-    stats[f'{p}.mlp.fc1'] = _fit(pb.mlp.fc1, n2, cap['fc1'].index_select(-1, sel.mlp.to(dev)), rows, damp, backend)
+    stats[f'{p}.mlp.fc1'] = _fit(pb.mlp.fc1, n2, cap['fc1'][..., sel.mlp.to(dev)], rows, damp, backend)
     _, c = _run_captured(pb.mlp, n2, {'hidden': (pb.mlp.fc2, 'in')}, batch)
-    stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap['fc2_out'].index_select(-1, e), rows, damp, backend)
+    stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap['fc2_out'][..., e], rows, damp, backend)
     xp_out = xp_mid + _apply(lambda t: pb.ls2(pb.mlp.fc2(t)), c['hidden'], batch)
     return _finite(xp_out, f'the output of blocks.{i} of the pruned model')
 
