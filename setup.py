@@ -44,7 +44,7 @@ def _extensions():
         ext = CUDAExtension(
             'snp_fast._C', sources + _sources('csrc/cuda/*.cu'),
             define_macros=[('SNP_FAST_WITH_CUDA', '1')],
-            extra_compile_args={'cxx': cxx, 'nvcc': ['-O3', '-std=c++20', '--use_fast_math'] + ([] if debug else ['-g0'])},
+            extra_compile_args={'cxx': cxx, 'nvcc': ['-O3', '-std=c++20', '--use_fast_math'] + ([] if debug else ['-Xcompiler', '-g0'])},
             extra_link_args=['-fopenmp'],
         )
     else:

@@ -1,0 +1,94 @@
+// CUDA implementations of gram, redundancy_scores and gather_slices (TORCH_LIBRARY_IMPL(snp_fast, CUDA)).
+//
+// Deliberately simple: the products run in cuBLAS through ATen on the current stream (fp32, TF32 only if
+// the user enabled it for torch matmuls), the epilogues are small ATen reductions. The symmetric ops
+// multiply only the upper-triangle block rows, as the CPU kernels do. (The Triton kernels in
+// snp_fast/ops/triton/ are the fused alternatives; qk_scores has no CUDA kernel yet.)
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 1024;  // block-row height: few, large cuBLAS GEMMs
+
+at::Tensor gram_cuda(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "gram: x must be 2-D (tokens, features), got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gram: x must be floating point, got ", x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t T = x.size(0), m = x.size(1);
+  auto xf = x.to(at::kFloat);
+  if (xf.stride(1) != 1) xf = xf.contiguous();
+  auto g = at::empty({m, m}, xf.options());
+  if (m == 0) return g;
+  if (T == 0) return g.zero_();
+  if (m <= kBlock) return at::mm(xf.t(), xf);
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {  // G[I, I:] = x[:, I]ᵀ x[:, I:]
+    const int64_t ni = std::min(kBlock, m - i0);
+    auto panel = at::mm(xf.narrow(1, i0, ni).t(), xf.narrow(1, i0, m - i0));
+    g.narrow(0, i0, ni).narrow(1, i0, m - i0).copy_(panel);
+  }
+  for (int64_t j0 = kBlock; j0 < m; j0 += kBlock) {  // mirror the strictly-lower block rows
+    const int64_t nj = std::min(kBlock, m - j0);
+    g.narrow(0, j0, nj).narrow(1, 0, j0).copy_(g.narrow(0, 0, j0).narrow(1, j0, nj).t());
+  }
+  return g;
+}
+
+at::Tensor redundancy_scores_cuda(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "redundancy_scores: w must be 2-D (rows = filters), got shape ", w.sizes());
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), "redundancy_scores: w must be floating point, got ", w.scalar_type());
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t n = w.size(0);
+  auto wf = w.to(at::kFloat).contiguous();
+  auto norms = at::linalg_vector_norm(wf.to(at::kDouble), 2, {1}, false, std::nullopt);
+  auto inv = at::where(norms > 0, 1.0 / norms, at::zeros_like(norms)).to(at::kFloat);
+  auto wn = (wf * inv.unsqueeze(1)).contiguous();
+  auto sums = at::zeros({n}, norms.options());
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {  // block row I of the upper triangle: |cos| of rows I × rows I:
+    const int64_t ni = std::min(kBlock, n - i0);
+    auto c = at::mm(wn.narrow(0, i0, ni), wn.narrow(0, i0, n - i0).t()).abs_();
+    sums.narrow(0, i0, ni).add_(c.sum(1, false, at::kDouble));
+    if (n - i0 > ni)  // off-diagonal part credits the later rows too (column sums)
+      sums.narrow(0, i0 + ni, n - i0 - ni).add_(c.narrow(1, ni, n - i0 - ni).sum(0, false, at::kDouble));
+  }
+  auto omega = static_cast<double>(n) - sums;
+  return at::where(norms > 0, omega, at::zeros_like(omega)).to(at::kFloat);
+}
+
+std::vector<at::Tensor> gather_slices_cuda(at::TensorList src, at::IntArrayRef dim_a, at::TensorList idx_a,
+                                           at::IntArrayRef dim_b, const c10::List<std::optional<at::Tensor>>& idx_b) {
+  const size_t n = src.size();
+  TORCH_CHECK(dim_a.size() == n && idx_a.size() == n && dim_b.size() == n && idx_b.size() == n,
+              "gather_slices: src, dim_a, idx_a, dim_b and idx_b must have the same length");
+  std::vector<at::Tensor> out(n);
+  if (n == 0) return out;
+  const c10::cuda::CUDAGuard guard(src[0].device());
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(dim_a[i] >= 0 && dim_a[i] < src[i].dim(), "gather_slices: tensor ", i, " has ", src[i].dim(),
+                " dims, slice dim ", dim_a[i], " is out of range");
+    TORCH_CHECK(idx_a[i].dim() == 1 && idx_a[i].scalar_type() == at::kLong,
+                "gather_slices: indices for tensor ", i, " must be a 1-D int64 tensor");
+    // index_select checks the index range on the device (an out-of-range index raises)
+    at::Tensor t = src[i].index_select(dim_a[i], idx_a[i].to(src[i].device()));
+    const std::optional<at::Tensor> b = idx_b.get(i);
+    if (b.has_value()) {
+      TORCH_CHECK(dim_b[i] != dim_a[i], "gather_slices: tensor ", i, " slices dim ", dim_a[i], " twice");
+      TORCH_CHECK(dim_b[i] >= 0 && dim_b[i] < src[i].dim(), "gather_slices: tensor ", i, " slice dim ", dim_b[i],
+                  " is out of range");
+      t = t.index_select(dim_b[i], b->to(src[i].device()));
+    }
+    out[i] = t.contiguous();
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(snp_fast, CUDA, m) {
+  m.impl("gram", &gram_cuda);
+  m.impl("redundancy_scores", &redundancy_scores_cuda);
+  m.impl("gather_slices", &gather_slices_cuda);
+}
