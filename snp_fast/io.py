@@ -29,35 +29,37 @@ class RecipeError(ValueError):
     """A saved pruned model whose recipe or weights are missing, malformed or inconsistent."""
 
 
-def infer_timm_config(model: nn.Module, overrides: Optional[dict] = None) -> Tuple[Optional[str], dict]:
-    """(timm name, kwargs) that rebuild `model`'s unpruned architecture with timm.create_model.
+def infer_timm_config(model: nn.Module, overrides: Optional[dict] = None) -> Tuple[Optional[str], dict, str]:
+    """(timm name, kwargs, why-not) that rebuild `model`'s unpruned architecture with timm.create_model.
 
-    The name comes from timm's pretrained_cfg; the kwargs restate the sizes and options read off the
-    model, so models created with overrides (img_size=, num_classes=, embed_dim=, depth=, ...) come back
-    the same. Returns (None, {}) when the model was not made by timm.create_model.
+    The name comes from timm's pretrained_cfg; the kwargs are the ones the model was created with
+    (timm records them as `_model_args`), then `overrides`. The result is checked on the meta device:
+    the rebuilt model must have the same parameter names and shapes. When it cannot be rebuilt (not
+    made by timm.create_model, kwargs that are not JSON, a mismatch), the name is None and the third
+    item says why.
     """
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     name = cfg.get('architecture')
     if name is None:
-        return None, dict(overrides or {})
-    blk = model.blocks[0]
-    pe = model.patch_embed
-    kw = dict(
-        img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=model.in_chans,
-        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
-        depth=len(model.blocks), num_heads=blk.attn.num_heads,
-        mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
-        qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
-        class_token=model.cls_token is not None, reg_tokens=getattr(model, 'num_reg_tokens', 0),
-        no_embed_class=model.no_embed_class, pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        dynamic_img_size=model.dynamic_img_size,
-    )
-    if hasattr(blk.ls1, 'gamma'):
-        kw['init_values'] = 1e-5  # only turns LayerScale on; its values come from the weights
-    if model.pos_embed is None:
-        kw['pos_embed'] = 'none'
-    kw.update(overrides or {})
-    return name, kw
+        return None, dict(overrides or {}), 'the model was not created by timm.create_model'
+    kwargs = dict(getattr(model, '_model_args', None) or {})
+    kwargs.update(overrides or {})
+    kwargs.pop('pretrained', None)
+    try:
+        kwargs = json.loads(json.dumps(kwargs))
+    except (TypeError, ValueError):
+        return None, {}, f'its timm kwargs are not JSON-serialisable: {sorted(kwargs)}'
+    import timm
+    try:
+        skeleton = timm.create_model(name, pretrained=False, device='meta', **kwargs)
+    except Exception as e:  # noqa: BLE001 -- any failure means these kwargs do not rebuild the model
+        return None, kwargs, f'timm.create_model({name!r}, **{kwargs}) failed: {e}'
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        return None, kwargs, f'timm.create_model({name!r}, **{kwargs}) builds a different model (e.g. {diff})'
+    return name, kwargs, ''
 
 
 def _build_skeleton(recipe: dict) -> nn.Module:
@@ -85,8 +87,8 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
     if not isinstance(recipe, dict):
         raise ValueError('save_pruned needs a model returned by snp_fast.prune() (it carries the recipe)')
     if not recipe.get('timm_name'):
-        raise ValueError('this model was not created by timm.create_model, so its architecture cannot be '
-                         'rebuilt: pass timm_name= and timm_kwargs= to snp_fast.prune()')
+        raise ValueError(f'the unpruned architecture cannot be rebuilt with timm ({recipe.get("timm_unavailable")}); '
+                         'pass timm_name= and timm_kwargs= to snp_fast.prune()')
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)) and not overwrite:
         raise FileExistsError(f'{directory} exists and is not empty (pass overwrite=True to replace it)')
@@ -101,9 +103,13 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
         if report is not None:
             with open(os.path.join(tmp, 'report.json'), 'w') as f:
                 json.dump(report.to_dict(), f, indent=1, default=str)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
+        old = None
+        if os.path.exists(directory):  # keep the old directory until the new one is in place
+            old = tempfile.mkdtemp(prefix='.snp_fast_old_', dir=parent)
+            os.replace(directory, os.path.join(old, 'd'))
         os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,7 +39,8 @@ def count_macs(model: nn.Module, input_size: Optional[Tuple[int, int, int]] = No
     """MACs of one forward pass of a single image (C, H, W; default: the model's own input size)."""
     m = model if all(p.is_meta for p in model.parameters()) else meta_copy(model)
     m.eval()
-    x = torch.empty(1, *(input_size or _input_size(model)), device='meta')
+    dtype = next(m.parameters()).dtype
+    x = torch.empty(1, *(input_size or _input_size(model)), device='meta', dtype=dtype)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         m(x)
     return counter.get_total_flops() // 2

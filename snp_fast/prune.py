@@ -14,6 +14,7 @@ Memory: one block's activations plus the two sets of calibration hidden states.
 This is SNP.md's "one pass for the scores, then block by block" with the two passes merged: block b's
 Q/K scores only need block b's own q and k, so the original model runs once.
 """
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -283,9 +284,19 @@ def prune(
     if vit.has_qk_norm(model) and any(a.qk != b.qk for a, b in zip(dims_after.blocks, dims_before.blocks)):
         raise ValueError('this model normalises q and k per head (qk_norm), so q/k dims cannot be pruned; set the '
                          'qk ratios to 0 (v, fc1 and embedding pruning remain available)')
+    if refit_tokens is not None and (not isinstance(refit_tokens, int) or refit_tokens < 1):
+        raise ValueError(f'refit_tokens must be None (all tokens) or a positive int, got {refit_tokens!r}')
+    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        raise ValueError(f'damp must be a finite number >= 0, got {damp!r}')
+    timm_unavailable = ''
     if timm_name is None:
         from .io import infer_timm_config
-        timm_name, timm_kwargs = infer_timm_config(model, timm_kwargs)
+        timm_name, timm_kwargs, timm_unavailable = infer_timm_config(model, timm_kwargs)
+    elif timm_kwargs is None:
+        from .io import infer_timm_config
+        inferred_name, timm_kwargs, _ = infer_timm_config(model)
+        if inferred_name != timm_name:
+            timm_kwargs = {}
 
     was_training = model.training
     model.eval()
@@ -304,7 +315,7 @@ def prune(
                     backend=backend)
     pruned.snp_recipe = {
         'format': RECIPE_FORMAT, 'snp_fast_version': __version__, 'family': 'vit',
-        'timm_name': timm_name, 'timm_kwargs': timm_kwargs,
+        'timm_name': timm_name, 'timm_kwargs': timm_kwargs, 'timm_unavailable': timm_unavailable,
         'dims_before': dims_before.to_dict(), 'dims_after': dims_after.to_dict(),
         'selection': selection.to_dict(), 'settings': settings,
     }
@@ -327,9 +338,11 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
     block_names = {n for n, _ in model.named_parameters() if n.startswith('blocks.')}
     with timer('slicing'):
         _slice_into(pruned, model, plan, [n for n, _ in model.named_parameters() if n not in block_names], backend)
+    persistent = set(model.state_dict())
     for name, buf in model.named_buffers():  # buffers (if any) are not pruned: copy them over
         mod_name, _, leaf = name.rpartition('.')
-        (pruned.get_submodule(mod_name) if mod_name else pruned).register_buffer(leaf, buf.clone())
+        (pruned.get_submodule(mod_name) if mod_name else pruned).register_buffer(leaf, buf.clone(),
+                                                                                persistent=name in persistent)
 
     x = xp = None
     if calib is not None:

@@ -44,6 +44,10 @@ def resolve_ratios(spec: RatioSpec, depth: int) -> Dict:
         raise ValueError(f'ratios must be a float, a dict or a preset name, got {type(spec).__name__}')
     embed = _check(spec.get('embed', 0.0), 'embed')
     if 'blocks' in spec:
+        # presets carry descriptive keys beside 'blocks' and 'embed'; ratio keys there would be ignored
+        stray = set(spec) & set(_KEYS)
+        if stray:
+            raise ValueError(f'ratios has both "blocks" and {sorted(stray)}; give per-block ratios inside "blocks"')
         blocks = spec['blocks']
         if len(blocks) != depth:
             raise ValueError(f'ratios give {len(blocks)} blocks but the model has {depth}')

@@ -109,6 +109,9 @@ class LinearFit:
             delta = torch.linalg.lstsq(g + lam * eye, self.xtr).solution
         yy = self.yy.clamp_min(torch.finfo(torch.float64).tiny)
         before = float(self.rr / yy)
+        if before <= (4 * torch.finfo(self.layer.weight.dtype).eps) ** 2:
+            # the sliced layer already matches to the layer's own rounding: nothing real to fit
+            return RefitStats(self.tokens, before, before)
         # ‖R − XΔ‖² = ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, GΔ⟩, and GΔ = XᵀR − λΔ at the solution
         cross = (delta * self.xtr).sum()
         after_abs = self.rr - cross - lam * (delta * delta).sum()

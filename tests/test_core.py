@@ -457,3 +457,64 @@ def test_full_size_models_prune_and_run(name):
     assert report.macs_after < 0.5 * report.macs_before
     with torch.no_grad():
         assert pruned(x).shape == (2, 1000)
+
+
+def test_round_trip_keeps_every_timm_option(tmp_path):
+    """load_pruned rebuilds from timm's recorded kwargs: non-default activation and pooling survive."""
+    model = tiny('deit_tiny_patch16_224', act_layer='relu', global_pool='avg', pool_include_prefix=True)
+    x = images(3)
+    pruned, _ = snp_fast.prune(model, x, ratios=0.4)
+    loaded = snp_fast.load_pruned(snp_fast.save_pruned(pruned, str(tmp_path / 'm')))
+    assert isinstance(loaded.blocks[0].mlp.act, nn.ReLU) and loaded.pool_include_prefix
+    with torch.no_grad():
+        assert torch.equal(pruned.eval()(x), loaded(x))
+
+
+def test_model_timm_cannot_rebuild_is_refused_at_save(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3).eval()
+    pruned, _ = snp_fast.prune(model, torch.randn(2, 3, 32, 32), ratios=0.5)
+    with pytest.raises(ValueError, match='timm_name'):
+        snp_fast.save_pruned(pruned, str(tmp_path / 'm'))
+    assert not (tmp_path / 'm').exists()
+    pruned, _ = snp_fast.prune(model, torch.randn(2, 3, 32, 32), ratios=0.5, timm_name='vit_tiny_patch16_224',
+                               timm_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                                num_classes=3))
+    loaded = snp_fast.load_pruned(snp_fast.save_pruned(pruned, str(tmp_path / 'm')))
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(pruned(x), loaded(x))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_low_precision_models_prune(dtype):
+    model = tiny('deit_tiny_patch16_224').to(dtype)
+    x = images(4).to(dtype)
+    pruned, report = snp_fast.prune(model, x, ratios={'qk': 0.5, 'v': 0.5, 'mlp': 0.5, 'embed': 0.25})
+    assert next(pruned.parameters()).dtype == dtype and report.macs_after < report.macs_before
+    with torch.no_grad():
+        ref, out = model(x).float(), pruned(x).float()
+    assert torch.isfinite(out).all()
+    assert (out - ref).norm() < (ref - ref.mean()).norm()  # the re-fit keeps it close to the original
+
+
+def test_other_criteria_gamma_and_token_budget():
+    model = tiny('deit3_small_patch16_224')
+    x = images(4)
+    pruned, report = snp_fast.prune(model, x, ratios={'qk': 0.5, 'v': 0.5, 'mlp': 0.5, 'embed': 0.25}, gamma=3,
+                                    v_criterion='activation', mlp_criterion='activation',
+                                    embed_criterion='activation', refit_tokens=40)
+    assert all(s.tokens == 40 for k, s in report.refit.items() if k.startswith('blocks'))
+    assert pruned.embed_dim == 288 and pruned.blocks[1].attn.v_dim == 32
+    assert report.settings['gamma'] == 3
+
+
+@pytest.mark.parametrize('kwargs,match', [(dict(refit_tokens=0), 'refit_tokens'), (dict(refit_tokens=-5), 'refit_tokens'),
+                                          (dict(damp=float('nan')), 'damp'), (dict(damp=-1.0), 'damp'),
+                                          (dict(ratios={'blocks': [{}, {}], 'mlp': 0.9}), 'both'),
+                                          (dict(qk_criterion='l1'), 'qk_criterion'), (dict(gamma=0), 'gamma')])
+def test_bad_settings_are_refused_up_front(kwargs, match):
+    kwargs.setdefault('ratios', 0.5)
+    with pytest.raises(ValueError, match=match):
+        snp_fast.prune(tiny('deit_tiny_patch16_224'), images(2), **kwargs)

@@ -5,6 +5,10 @@ tracing): per block a query/key group, a value group and an FFN group, and one r
 (embedding) group that couples every tensor reading or writing the stream. It turns a selection of
 kept indices into one slicing plan ({parameter name: [(dim, kept index)]}) and turns a meta-device
 copy of the model into the smaller architecture that the sliced tensors are loaded into.
+
+Note: with timm's scale_attn_norm / scale_mlp_norm (a LayerNorm over the value or FFN hidden width),
+removing v or fc1 filters changes that norm's statistics, so such models have no exact masked twin
+(like embedding pruning); the re-fit compensates.
 """
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
