@@ -11,8 +11,8 @@ time CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} SNP_FAST_BUILD_CUDA=1 TORCH_CUDA_AR
   MAX_JOBS=${MAX_JOBS:-8} "$PY" -m pip install --no-build-isolation -e . -q
 "$PY" -c "import snp_fast.ops as o, torch; print('with_cuda', o.extension().with_cuda, 'device', torch.cuda.get_device_name()); print({op: o.available_backends(op, 'cuda') for op in ('qk_scores', 'redundancy_scores', 'gram', 'gather_slices')})"
 echo "== kernel tests"
-time timeout 180 "$PY" -m pytest tests/test_ops.py -q -x -rs
+time timeout 180 "$PY" -m pytest tests/test_ops.py tests/test_qk_dxd.py -q -x -rs
 echo "== kernel table"
 time timeout 120 "$PY" benchmarks/ops_table.py --device cuda --repeats 5
-echo "== ViT-L end to end (64 calibration images; qk_scores has no CUDA kernel yet: literal reference)"
+echo "== ViT-L end to end (64 calibration images)"
 time timeout 240 "$PY" benchmarks/prune_table.py --model vit_large_patch16_224 --images 64 --batch 64 --device cuda

@@ -67,6 +67,10 @@ def _register_fakes():
     def _(q, k, gamma):
         return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
 
+    @torch.library.register_fake('snp_fast::qk_scores_dxd')
+    def _(q, k, gamma):
+        return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
+
     @torch.library.register_fake('snp_fast::redundancy_scores')
     def _(w):
         return w.new_empty((w.shape[0],), dtype=torch.float32)

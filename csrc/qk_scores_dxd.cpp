@@ -1,0 +1,68 @@
+// Q/K attention-score scores by the d×d route, written in ATen ops so that it runs on any device:
+// float64 Gram matrices by batched GEMM, their roots by batched eigh, the SVD of M = R_q R_kᵀ.
+// It is the CUDA implementation of snp_fast::qk_scores (cuBLAS + cuSOLVER's batched small-matrix
+// routines) until a custom kernel replaces it, and the op snp_fast::qk_scores_dxd on every device.
+// Same thresholds as snp_fast/ops/reference.py: σ_j ≤ 1e-4 σ_1 counts as zero, cos with a zero
+// filter is 0, Gram eigenvalues within rounding of zero are clamped to 0.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace {
+
+at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den) {
+  const double tiny = std::numeric_limits<double>::min();
+  return at::where(den > 0, num / den.clamp_min(tiny), at::zeros_like(num));
+}
+
+at::Tensor gram_root(const at::Tensor& g) {  // R with RᵀR = G, (..., d, d) float64
+  auto eig = at::linalg_eigh(g);
+  at::Tensor lam = std::get<0>(eig), vec = std::get<1>(eig);
+  const int64_t d = g.size(-1);
+  at::Tensor lam_max = lam.narrow(-1, d - 1, 1).clamp_min(0);
+  const double tol = static_cast<double>(d) * 4.0 * std::numeric_limits<float>::epsilon();
+  lam = at::where(lam > lam_max * tol, lam, at::zeros_like(lam));
+  return lam.sqrt().unsqueeze(-1) * vec.transpose(-1, -2);
+}
+
+}  // namespace
+
+at::Tensor qk_scores_dxd(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes(), "qk_scores: q and k must both be (B, H, N, d) with equal "
+              "shapes, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(gamma >= 1, "qk_scores: gamma must be >= 1, got ", gamma);
+  TORCH_CHECK(q.is_floating_point() && k.is_floating_point(), "qk_scores: q and k must be floating point");
+  const at::Tensor qd = q.to(at::kDouble), kd = k.to(at::kDouble);
+  const at::Tensor gq = at::matmul(qd.transpose(-1, -2), qd);  // (B, H, d, d)
+  const at::Tensor gk = at::matmul(kd.transpose(-1, -2), kd);
+  const at::Tensor rq = gram_root(gq), rk = gram_root(gk);
+  auto svd = at::linalg_svd(at::matmul(rq, rk.transpose(-1, -2)), /*full_matrices=*/true);
+  at::Tensor x = std::get<0>(svd), s = std::get<1>(svd), yh = std::get<2>(svd);
+  const int64_t g = std::min<int64_t>(gamma, s.size(-1));
+  x = x.narrow(-1, 0, g);
+  s = s.narrow(-1, 0, g);
+  const at::Tensor y = yh.narrow(-2, 0, g).transpose(-1, -2);
+  const at::Tensor valid = (s > s.narrow(-1, 0, 1) * 1e-4).to(at::kDouble);
+  const at::Tensor qn = gq.diagonal(0, -2, -1).clamp_min(0).sqrt().unsqueeze(-2);
+  const at::Tensor kn = gk.diagonal(0, -2, -1).clamp_min(0).sqrt().unsqueeze(-2);
+  const at::Tensor cos_u = safe_div(at::matmul(x.transpose(-1, -2), rq), qn);  // (B, H, g, d)
+  const at::Tensor cos_v = safe_div(at::matmul(y.transpose(-1, -2), rk), kn);
+  const at::Tensor omega = ((cos_u * cos_v).abs() * valid.unsqueeze(-1)).sum(-2);  // (B, H, d)
+  return omega.sum(0).to(at::kFloat);
+}
+
+TORCH_LIBRARY_FRAGMENT(snp_fast, m) {
+  m.def("qk_scores_dxd(Tensor q, Tensor k, int gamma) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(snp_fast, CompositeExplicitAutograd, m) {
+  m.impl("qk_scores_dxd", &qk_scores_dxd);
+}
+
+#ifdef SNP_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(snp_fast, CUDA, m) {
+  m.impl("qk_scores", &qk_scores_dxd);
+}
+#endif
