@@ -265,6 +265,8 @@ def prune(
     check_criterion('embed_criterion', embed_criterion, EMBED_CRITERIA)
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    if backend not in ops.BACKENDS:
+        raise ValueError(f'backend={backend!r} is not known; choose one of {list(ops.BACKENDS)}')
     if gamma is not None and gamma < 1:
         raise ValueError(f'gamma must be >= 1, got {gamma}')
     vit.check_supported(model)

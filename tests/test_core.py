@@ -513,7 +513,8 @@ def test_other_criteria_gamma_and_token_budget():
 @pytest.mark.parametrize('kwargs,match', [(dict(refit_tokens=0), 'refit_tokens'), (dict(refit_tokens=-5), 'refit_tokens'),
                                           (dict(damp=float('nan')), 'damp'), (dict(damp=-1.0), 'damp'),
                                           (dict(ratios={'blocks': [{}, {}], 'mlp': 0.9}), 'both'),
-                                          (dict(qk_criterion='l1'), 'qk_criterion'), (dict(gamma=0), 'gamma')])
+                                          (dict(qk_criterion='l1'), 'qk_criterion'), (dict(gamma=0), 'gamma'),
+                                          (dict(backend='tpu'), 'backend')])
 def test_bad_settings_are_refused_up_front(kwargs, match):
     kwargs.setdefault('ratios', 0.5)
     with pytest.raises(ValueError, match=match):
