@@ -519,3 +519,37 @@ def test_bad_settings_are_refused_up_front(kwargs, match):
     kwargs.setdefault('ratios', 0.5)
     with pytest.raises(ValueError, match=match):
         snp_fast.prune(tiny('deit_tiny_patch16_224'), images(2), **kwargs)
+
+
+@pytest.mark.parametrize('name', ['deit_small_distilled_patch16_224', 'vit_medium_patch16_reg4_gap_256',
+                                  'deit3_small_patch16_224'])
+def test_embedding_slice_equals_mask_without_norms(name):
+    """Every tensor coupled to the residual stream loses the same channels: with the norms taken out
+    (they are the only thing that mixes stream channels), zeroing the removed channels in every producer
+    of the stream gives exactly the sliced model."""
+    model = tiny(name)
+    for mod_name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(mod, child_name, nn.Identity())
+    x = images(3, size=model.patch_embed.img_size[0])
+    ratios = random_ratios(len(model.blocks), seed=5, embed=0.4)
+    pruned, _ = snp_fast.prune(model, x, ratios=ratios, refit=False)
+    sel = pruned.snp_recipe['selection']
+    twin = masked_twin(model, sel)
+    drop = torch.ones(model.embed_dim, dtype=torch.bool)
+    drop[torch.tensor(sel['embed'])] = False
+    with torch.no_grad():
+        twin.patch_embed.proj.weight[drop] = 0
+        twin.patch_embed.proj.bias[drop] = 0
+        for tok in ('cls_token', 'reg_token', 'dist_token', 'pos_embed'):
+            if getattr(twin, tok, None) is not None:
+                getattr(twin, tok)[..., drop] = 0
+        for blk in twin.blocks:
+            for lin in (blk.attn.proj, blk.mlp.fc2):
+                lin.weight[drop] = 0
+                lin.bias[drop] = 0
+    assert pruned.embed_dim == model.embed_dim - int(drop.sum())
+    with torch.no_grad():
+        a, b = pruned(x), twin(x)
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
