@@ -421,14 +421,16 @@ def _token_subset(n: int, budget: Optional[int], gen: torch.Generator) -> Option
 
 
 def _fit(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, rows: Optional[torch.Tensor], damp: float,
-         backend: str) -> RefitStats:
+         backend: str, pred: Optional[torch.Tensor] = None) -> RefitStats:
     x = x.reshape(-1, x.shape[-1])
     y = y.reshape(-1, y.shape[-1])
+    pred = None if pred is None else pred.reshape(-1, pred.shape[-1])
     if rows is not None:
         rows = rows.to(x.device)
         x, y = x.index_select(0, rows), y.index_select(0, rows)
+        pred = None if pred is None else pred.index_select(0, rows)
     fit = LinearFit(layer, backend=backend)
-    fit.add(x, y)
+    fit.add(x, y, pred)
     return fit.solve(damp)
 
 
@@ -444,14 +446,15 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
 
     n1 = _apply(pb.norm1, xp, batch)
     stats[f'{p}.attn.qkv'] = _fit(pb.attn.qkv, n1, cap['qkv'][..., qkv_rows], rows, damp, backend)
-    _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in')}, batch)
-    stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap['proj_out'][..., e], rows, damp, backend)
+    # the sliced proj's output on ctx comes with the run: it is the re-fit's starting prediction
+    _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in'), 'pred': (pb.attn.proj, 'out')}, batch)
+    stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap['proj_out'][..., e], rows, damp, backend, c['pred'])
     xp_mid = xp + _apply(lambda t: pb.ls1(pb.attn.proj(t)), c['ctx'], batch)
     del n1, c
     n2 = _apply(pb.norm2, xp_mid, batch)
     stats[f'{p}.mlp.fc1'] = _fit(pb.mlp.fc1, n2, cap['fc1'][..., sel.mlp.to(dev)], rows, damp, backend)
-    _, c = _run_captured(pb.mlp, n2, {'hidden': (pb.mlp.fc2, 'in')}, batch)
-    stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap['fc2_out'][..., e], rows, damp, backend)
+    _, c = _run_captured(pb.mlp, n2, {'hidden': (pb.mlp.fc2, 'in'), 'pred': (pb.mlp.fc2, 'out')}, batch)
+    stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap['fc2_out'][..., e], rows, damp, backend, c['pred'])
     xp_out = xp_mid + _apply(lambda t: pb.ls2(pb.mlp.fc2(t)), c['hidden'], batch)
     return _finite(xp_out, f'the output of blocks.{i} of the pruned model')
 

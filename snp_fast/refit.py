@@ -57,16 +57,18 @@ class LinearFit:
         self.tokens = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch: x (..., in_features) pruned-model inputs, y (..., out_features) targets."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, pred: Optional[torch.Tensor] = None) -> None:
+        """Add a batch: x (..., in_features) pruned-model inputs, y (..., out_features) targets, and
+        optionally pred = the layer's current output on x when the caller has it already."""
         x = x.reshape(-1, x.shape[-1]).float()
         y = y.reshape(-1, y.shape[-1]).float()
         if x.shape[0] != y.shape[0] or x.shape[1] != self.layer.in_features or y.shape[1] != self.layer.out_features:
             raise ValueError(f'LinearFit.add: inputs {tuple(x.shape)} / targets {tuple(y.shape)} do not fit a '
                              f'Linear({self.layer.in_features}, {self.layer.out_features})')
-        w = self.layer.weight.detach().float()
-        b = self.layer.bias.detach().float() if self.bias else None
-        r = y - torch.nn.functional.linear(x, w, b)
+        if pred is None:
+            b = self.layer.bias.detach().float() if self.bias else None
+            pred = torch.nn.functional.linear(x, self.layer.weight.detach().float(), b)
+        r = y - pred.reshape(y.shape).float()
         ops.gram(x, out=self.xtx, backend=self.backend)
         # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64
         self.xsum += x.sum(0)
