@@ -1,0 +1,122 @@
+"""The coverage sweep (snp_fast.sweep): a small subset of distinct structures in CI, the full sweep as slow.
+
+Each model is built by timm with depth=2 and a small image size (structure, not size, is covered),
+pruned, run, saved and re-loaded; the subset pins which structures must prune and which must be refused.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+import snp_fast
+from snp_fast import sweep
+
+# name -> expected status; one model per distinct structure
+SUBSET = {
+    'deit_tiny_patch16_224': 'ok',                  # cls token, plain blocks
+    'deit_small_distilled_patch16_224': 'ok',       # cls + distillation token, two heads
+    'deit3_small_patch16_224': 'ok',                # LayerScale, no pos_embed on cls
+    'vit_medium_patch16_reg4_gap_256': 'ok',        # 4 register tokens, no cls token, avg pool, fc_norm
+    'vit_base_patch16_clip_224': 'ok',              # pre-norm (norm_pre), CLIP
+    'vit_so150m_patch16_reg4_map_256': 'refused',   # attention-pool ('map') head
+    'efficientformer_l1': 'refused',                # another family
+    'vit_small_patch16_rope_224': 'refused',        # Eva / rope blocks
+    'vit_base_patch14_dinov2': 'ok',                # no head (num_classes=0), LayerScale, patch 14
+    'vit_5b_patch16_sapiens2': 'refused',           # rejects depth=2: refused on its meta-device build
+}
+
+
+def _run(name):
+    return sweep.sweep_model(name, timeout=60)
+
+
+@pytest.mark.parametrize('name', sorted(SUBSET))
+def test_subset(name):
+    r = _run(name)
+    assert r.status != 'FAILED', f'{name}: {r.detail} at {r.where}'
+    assert r.status == SUBSET[name], f'{name}: {r.status} {r.detail}'
+    if r.status == 'ok':
+        assert r.params_after < r.params_before and r.macs_after < r.macs_before
+        assert r.build_kwargs.get('depth') == 2
+        assert r.phase == 'done'
+        assert (sweep.WIDTH_NOTE in r.detail) == (name == 'vit_base_patch14_dinov2')
+    else:
+        assert r.detail and 'not supported' in r.detail  # a reason, from snp_fast's own error
+
+
+def test_qk_norm_model_retried_with_qk_zero():
+    # the listed qk_norm models (vit_*_xp_*) use ParallelScalingBlock (refused), so qk_norm is switched on here
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=60, timm_kwargs={'qk_norm': True})
+    assert r.status == 'ok', f'{r.status}: {r.detail} {r.where}'
+    assert 'qk_norm' in r.detail and r.params_after < r.params_before
+    assert r.build_kwargs['qk_norm'] is True
+
+
+def test_subset_list_is_in_timm():
+    names = set(sweep.list_sweep_models())
+    assert set(SUBSET) <= names
+
+
+def test_unexpected_exception_is_failed_and_refusals_are_classified(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError('kaboom')
+    monkeypatch.setattr(snp_fast, 'prune', boom)
+    r = _run('deit_tiny_patch16_224')
+    assert r.status == 'FAILED' and r.detail == 'RuntimeError: kaboom' and r.phase == 'prune'
+
+    def refuse(*a, **k):
+        raise ValueError('feature X is not supported')
+    monkeypatch.setattr(snp_fast, 'prune', refuse)
+    r = _run('deit_tiny_patch16_224')
+    assert r.status == 'refused' and 'feature X' in r.detail
+
+    def other_value_error(*a, **k):
+        raise ValueError('shapes do not match')
+    monkeypatch.setattr(snp_fast, 'prune', other_value_error)
+    assert _run('deit_tiny_patch16_224').status == 'FAILED'
+
+
+def test_timeout(monkeypatch):
+    def slow(*a, **k):
+        import time
+        t = time.time()
+        while time.time() - t < 5:
+            pass
+    monkeypatch.setattr(snp_fast, 'prune', slow)
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=0.5)
+    assert r.status == 'timeout' and r.seconds < 4
+
+
+def test_markdown_summary():
+    rs = [sweep.SweepResult('a', 'ok', params_before=10, params_after=7, macs_before=100, macs_after=60, seconds=1.),
+          sweep.SweepResult('b', 'refused', 'blocks.0 is a EvaBlock; only timm Block is supported'),
+          sweep.SweepResult('c', 'refused', 'blocks.3 is a EvaBlock; only timm Block is supported'),
+          sweep.SweepResult('d', 'FAILED', 'RuntimeError: x', phase='prune', where='snp_fast/prune.py:1 (f)')]
+    md = sweep.render_markdown(rs, ['x*'])
+    assert '**1 / 4 pruned and running (25.0%)**' in md
+    assert '| 2 | blocks.N is a EvaBlock; only timm Block is supported |' in md
+    assert '`d` (FAILED, during prune): RuntimeError: x' in md
+    assert '| `a` | ok | 1e-05M → 7e-06M (70%)' in md
+
+
+def test_command_isolated(tmp_path):
+    """The command as the full sweep runs it: a worker process, markdown written."""
+    out = tmp_path / 'cov.md'
+    rc = sweep.main(['--model', 'deit_tiny_patch16_224', '--model', 'efficientformer_l1', '--out', str(out),
+                     '--timeout', '60'])
+    assert rc == 0
+    md = out.read_text()
+    assert '**1 / 2 pruned and running (50.0%)**' in md
+    assert '| `deit_tiny_patch16_224` | ok |' in md and 'EfficientFormer is not supported' in md
+
+
+@pytest.mark.slow
+def test_full_sweep():
+    names = sweep.list_sweep_models()
+    results = sweep.run_sweep(names, timeout=60, threads=max(1, min(4, os.cpu_count() or 1)),
+                              log=lambda m: print(m, file=sys.stderr))
+    assert len(results) == len(names)
+    failed = [(r.name, r.detail, r.where) for r in results if r.status in ('FAILED', 'timeout')]
+    assert not failed
+    assert all(r.detail for r in results if r.status == 'refused')
