@@ -7,6 +7,9 @@ import os
 import sys
 
 import pytest
+
+# the sweep builds dozens of timm models in worker processes: minutes, not seconds (run: make test-all)
+pytestmark = pytest.mark.slow
 import torch
 
 import snp_fast
