@@ -16,7 +16,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['digits_data', 'digits_vit', 'load_digits_vit', 'train_digits_vit', 'accuracy', 'sample_photos']
+__all__ = ['digits_data', 'digits_vit', 'load_digits_vit', 'train_digits_vit', 'faces_data', 'faces_vit',
+           'load_faces_vit', 'train_faces_vit', 'accuracy', 'sample_photos']
 
 DIGITS_VIT = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4,
                   mlp_ratio=4.0)
@@ -70,6 +71,72 @@ def train_digits_vit(epochs: int = 80, seed: int = 0, batch_size: int = 32, lr: 
             opt.step()
             sched.step()
     return model.eval(), data
+
+
+# A second task: scikit-image's face / non-face subset (LFW faces vs other image patches), 25×25 grey.
+FACES_VIT = dict(img_size=24, patch_size=4, in_chans=1, num_classes=2, embed_dim=96, depth=6, num_heads=4,
+                 mlp_ratio=4.0)
+
+
+def faces_data(n_test: int = 50, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """skimage.data.lfw_subset() as (x_train, y_train, x_test, y_test): images (N, 1, 25, 25), standardised;
+    label 1 = face (the first 100 images), 0 = non-face. The split is stratified (n_test/2 of each)."""
+    from skimage.data import lfw_subset
+    x = torch.tensor(lfw_subset(), dtype=torch.float32).unsqueeze(1)
+    x = (x - x.mean()) / x.std()
+    y = (torch.arange(len(x)) < 100).long()
+    g = torch.Generator().manual_seed(seed)
+    test = torch.cat([torch.randperm(100, generator=g)[:n_test // 2], 100 + torch.randperm(100, generator=g)[:n_test // 2]])
+    train = torch.tensor(sorted(set(range(len(x))) - set(test.tolist())))
+    return x[train], y[train], x[test], y[test]
+
+
+def faces_vit(**overrides):
+    import timm
+    return timm.create_model('vit_tiny_patch16_224', pretrained=False, **{**FACES_VIT, **overrides})
+
+
+def load_faces_vit():
+    """The faces ViT shipped with the package (tests/make_faces_checkpoint.py made it); it takes the
+    centre 24×24 crop of the 25×25 images: use faces_crop()."""
+    import os
+    from safetensors.torch import load_file
+    model = faces_vit()
+    path = os.path.join(os.path.dirname(__file__), 'data', 'faces_vit.safetensors')
+    model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+    return model.eval()
+
+
+def faces_crop(x: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
+    """24×24 crop of 25×25 face images (top, left in {0, 1}); the held-out crop is (0, 0)."""
+    return x[..., top:top + 24, left:left + 24]
+
+
+def train_faces_vit(epochs: int = 150, seed: int = 0, batch_size: int = 25, lr: float = 1e-3, **overrides):
+    """Train the faces ViT from scratch (deterministic for a seed), with random 24×24 crops and horizontal
+    flips; returns (model, data) where data's images are already the centre crops."""
+    torch.manual_seed(seed)
+    x_tr, y_tr, x_te, y_te = faces_data(seed=seed)
+    model = faces_vit(**overrides)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * ((len(y_tr) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y_tr), generator=gen)
+        for s in range(0, len(perm), batch_size):
+            idx = perm[s:s + batch_size]
+            top, left, flip = torch.randint(0, 2, (3,), generator=gen).tolist()
+            xb = faces_crop(x_tr[idx], top, left)
+            if flip:
+                xb = xb.flip(-1)
+            loss = F.cross_entropy(model(xb), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval(), (faces_crop(x_tr), y_tr, faces_crop(x_te), y_te)
 
 
 @torch.no_grad()

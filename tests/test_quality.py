@@ -131,3 +131,20 @@ def test_quick_comparison_runs(tmp_path):
               '### Targets', 'MACs ≈ 0.5'):
         assert s in md
     assert 'nan' not in md.lower()
+
+
+def test_faces_fixture():
+    """The second shipped fixture (tests/make_faces_checkpoint.py): a 6-block, 4-head timm ViT on
+    scikit-image's face / non-face subset, with the held-out accuracy recorded in its metadata."""
+    import os
+    from safetensors import safe_open
+    import snp_fast.demo as demo
+    model = demo.load_faces_vit()
+    _, _, x_te, y_te = demo.faces_data()
+    assert len(model.blocks) >= 6 and model.blocks[0].attn.num_heads >= 4
+    path = os.path.join(os.path.dirname(demo.__file__), 'data', 'faces_vit.safetensors')
+    with safe_open(path, 'pt') as f:
+        meta = f.metadata()
+    acc = demo.accuracy(model, demo.faces_crop(x_te), y_te)
+    assert acc == pytest.approx(float(meta['test_accuracy']), abs=1e-4) and acc >= 0.9
+    assert meta['seed'] == '0'
