@@ -5,6 +5,8 @@
     snp-fast bench out/deit_s_2G --batch 1,8 --onnx
     snp-fast export out/deit_s_2G --onnx deit_s_2G.onnx
     snp-fast inspect out/deit_s_2G
+    snp-fast finetune out/digits_snp --data digits --epochs 10 --out out/digits_snp_ft
+    torchrun --nproc_per_node 2 -m snp_fast finetune out/digits_snp --data digits --out out/digits_snp_ft
 
 Exit status: 0 ok, 2 bad usage or input (arguments, missing or unreadable files, bad ratios, unsupported
 model, empty calibration folder, unreachable target), 1 internal error (or an ONNX check that fails).
@@ -135,6 +137,47 @@ def build_parser() -> argparse.ArgumentParser:
                                    'before/after per block, parameters, MACs, settings, file sizes.')
     p.add_argument('dir', metavar='DIR')
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser('finetune', help='recover accuracy by distillation from the unpruned teacher (KD + CE)',
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(
+                           'Fine-tune a directory written by "prune" with knowledge distillation from the unpruned '
+                           'teacher: loss = alpha*T^2*KL(teacher/T || student/T) + (1-alpha)*CE, AdamW, linear '
+                           'warm-up then cosine decay, AMP on CUDA. Checkpoints (safetensors + JSON) go to '
+                           '--checkpoint-dir; --resume continues from there. Under torchrun, DistributedDataParallel '
+                           '(gloo on CPU, nccl on CUDA) with --batch-size the GLOBAL batch; only rank 0 writes.', 100)
+                       + '\n\n  torchrun --nproc_per_node 2 -m snp_fast finetune DIR --data digits --out DIR_ft')
+    p.add_argument('dir', metavar='DIR', help='a pruned model written by "snp-fast prune" (or snp_fast.save_pruned)')
+    p.add_argument('--data', required=True, choices=('digits', 'faces'),
+                   help='training/held-out data: the shipped fixtures\' tasks (scikit-learn digits 8x8; '
+                        'scikit-image lfw_subset faces vs non-faces, centre 24x24 crops)')
+    p.add_argument('--teacher', metavar='MODEL', help='timm name of the unpruned teacher (default: the recipe\'s)')
+    p.add_argument('--teacher-weights', metavar='PATH', help='teacher weights (.safetensors or a torch state dict); '
+                   'default for --data digits/faces: the shipped fixture of that task')
+    _add_model_args(p)
+    p.add_argument('--epochs', type=int, default=10)
+    p.add_argument('--batch-size', type=int, default=64, metavar='N', help='global batch (all processes together)')
+    p.add_argument('--lr', type=float, default=5e-4, help='peak AdamW learning rate (default 5e-4)')
+    p.add_argument('--weight-decay', type=float, default=0.05)
+    p.add_argument('--warmup', type=float, default=0.05, help='fraction of steps of linear warm-up (default 0.05)')
+    p.add_argument('--alpha', type=float, default=0.7, help='weight of the distillation term (default 0.7)')
+    p.add_argument('--temperature', type=float, default=2.0, help='distillation temperature (default 2)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the data order')
+    p.add_argument('--out', metavar='DIR', help='output directory (default: DIR_ft); must not exist or be empty')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out directory')
+    p.add_argument('--checkpoint-dir', metavar='DIR', help='checkpoints (default: OUT.ckpt)')
+    p.add_argument('--checkpoint-every', type=int, default=0, metavar='STEPS',
+                   help='also checkpoint every STEPS steps (always at the end of each epoch)')
+    p.add_argument('--resume', action='store_true', help='continue from the checkpoint in --checkpoint-dir')
+    p.add_argument('--stop-after', type=int, default=None, metavar='STEPS',
+                   help='stop after this many steps in total (checkpointed), to continue later with --resume')
+    p.add_argument('--limit-train', type=int, default=None, metavar='N', help='use only the first N training images')
+    p.add_argument('--limit-val', type=int, default=None, metavar='N', help='report top-1 on the first N held-out '
+                   'images only')
+    p.add_argument('--device', default='auto', help='cpu or cuda (under torchrun: cuda:LOCAL_RANK); default: cuda '
+                   'if available')
+    p.add_argument('--no-amp', action='store_true', help='no autocast on CUDA')
+    p.set_defaults(func=cmd_finetune)
     return ap
 
 
@@ -655,6 +698,91 @@ def cmd_inspect(args) -> int:
             print(f'(report.json unreadable: {e})')
     print('files: ' + ', '.join(f'{f} {_fmt_bytes(os.path.getsize(os.path.join(args.dir, f)))}'
                                 for f in sorted(os.listdir(args.dir)) if os.path.isfile(os.path.join(args.dir, f))))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune
+
+def _task_data(name: str):
+    """(x_train, y_train, x_val, y_val, shipped teacher loader) of a --data task."""
+    from . import demo
+    if name == 'digits':
+        return (*demo.digits_data(), demo.load_digits_vit)
+    x_tr, y_tr, x_te, y_te = demo.faces_data()
+    return demo.faces_crop(x_tr), y_tr, demo.faces_crop(x_te), y_te, demo.load_faces_vit
+
+
+def cmd_finetune(args) -> int:
+    import torch
+    import snp_fast
+    from .finetune import FinetuneConfig, finetune, init_distributed
+    from .io import load_recipe
+    from .models.vit import ModelDims, model_dims
+    if not os.path.isdir(args.dir):
+        raise UsageError(f'DIR {args.dir}: no such directory')
+    out = os.path.abspath(args.out or args.dir.rstrip('/') + '_ft')
+    if not _dir_is_free(out) and not args.overwrite:
+        raise UsageError(f'--out {out}: exists and is not empty (pass --overwrite to replace it)')
+    ckpt = os.path.abspath(args.checkpoint_dir or out + '.ckpt')
+    if args.resume and not os.path.isfile(os.path.join(ckpt, 'checkpoint.json')):
+        raise UsageError(f'--resume: no checkpoint in {ckpt}')
+    for flag in ('limit_train', 'limit_val', 'stop_after'):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f'--{flag.replace("_", "-")} must be >= 1, got {getattr(args, flag)}')
+    if args.teacher_weights is not None and not os.path.isfile(args.teacher_weights):
+        raise UsageError(f'--teacher-weights {args.teacher_weights}: no such file')
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         warmup=args.warmup, alpha=args.alpha, temperature=args.temperature, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, amp=not args.no_amp)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(f'--{str(e).replace("_", "-")}') from None
+
+    recipe = load_recipe(args.dir)
+    x_tr, y_tr, x_val, y_val, shipped = _task_data(args.data)
+    if args.limit_train:
+        x_tr, y_tr = x_tr[:args.limit_train], y_tr[:args.limit_train]
+    if args.limit_val:
+        x_val, y_val = x_val[:args.limit_val], y_val[:args.limit_val]
+    if args.teacher_weights:
+        name = args.teacher or recipe.get('timm_name')
+        if not name:
+            raise UsageError(f'{args.dir}/recipe.json names no timm model: pass --teacher MODEL')
+        kwargs = {**(recipe.get('timm_kwargs') or {}), **_model_kwargs(args.model_kwargs)}
+        teacher = _create_model(name, kwargs, device='cpu')
+        try:
+            load_checkpoint(teacher, args.teacher_weights)
+        except UsageError as e:
+            raise UsageError(str(e).replace('--checkpoint', '--teacher-weights')) from None
+        how = os.path.abspath(args.teacher_weights)
+    else:
+        if args.teacher:
+            raise UsageError('--teacher needs --teacher-weights (the shipped teacher is used without both)')
+        teacher, how = shipped(), f'shipped {args.data} ViT'
+    if model_dims(teacher) != ModelDims.from_dict(recipe['dims_before']):
+        raise UsageError(f'the teacher ({how}) is not the model {args.dir} was pruned from (its widths differ from '
+                         'the recipe\'s dims_before); pass the unpruned weights with --teacher-weights')
+
+    rank, world, auto_dev = init_distributed()
+    try:
+        device = auto_dev if args.device == 'auto' or world > 1 else _resolve_device(args.device)
+        student = snp_fast.load_pruned(args.dir)
+        from .demo import accuracy
+        acc_t, acc_0 = accuracy(teacher, x_val, y_val), accuracy(student, x_val, y_val)
+        say = print if rank == 0 else (lambda *a, **k: None)
+        say(f'fine-tuning {args.dir} ({recipe.get("timm_name")}) on {args.data}: {len(y_tr)} training images, '
+            f'{world} process(es), global batch {cfg.batch_size}, {cfg.epochs} epochs; teacher: {how}')
+        res = finetune(student, teacher, x_tr, y_tr, cfg, out=out, overwrite=args.overwrite, checkpoint_dir=ckpt,
+                       resume=args.resume, stop_after=args.stop_after, val=(x_val, y_val), device=device,
+                       log=lambda m: _log(m) if rank == 0 else None)
+        acc_1 = accuracy(res.model.cpu(), x_val, y_val)
+        say(f'held-out top-1 ({len(y_val)} images): teacher {acc_t:.2%}, pruned {acc_0:.2%} -> fine-tuned {acc_1:.2%}')
+        say(f'wrote {out}/' if res.out else f'stopped at step {res.steps}; continue with --resume (checkpoint {ckpt})')
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return EXIT_OK
 
 

@@ -323,3 +323,96 @@ def test_bench_model_name_with_target(capsys):
                        '--batch', '1', '--repeats', 1, '--warmup', 0, '--quiet')
     assert rc == 0, text
     assert 'random weights' in text and 'speedup' in text and 'allocation: MACs target 1.000M' in text
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune (knowledge distillation from the shipped digits ViT)
+
+@pytest.fixture(scope='module')
+def digits_pruned(tmp_path_factory):
+    """The shipped digits ViT pruned at 50 % (no re-fit, so fine-tuning has something to recover) and saved."""
+    from snp_fast.demo import digits_data, load_digits_vit
+    d = tmp_path_factory.mktemp('ft') / 'd50'
+    x_tr = digits_data()[0]
+    pruned, _ = snp_fast.prune(load_digits_vit(), x_tr[:32], ratios=0.5, refit=False)
+    snp_fast.save_pruned(pruned, str(d))
+    return d
+
+
+FT_FAST = ['--data', 'digits', '--epochs', 1, '--limit-train', 128, '--limit-val', 100, '--batch-size', 32]
+
+
+def test_finetune_digits_subprocess(digits_pruned, tmp_path):
+    out = tmp_path / 'ft'
+    r = run_cli('finetune', digits_pruned, *FT_FAST, '--lr', '1e-3', '--out', out)
+    assert r.returncode == 0, r.stderr
+    m = snp_fast.load_pruned(str(out))
+    recipe = json.loads((out / 'recipe.json').read_text())
+    assert recipe['finetune']['steps'] == 4 and recipe['finetune']['world_size'] == 1
+    assert json.loads((tmp_path / 'ft.ckpt' / 'checkpoint.json').read_text())['step'] == 4
+    # the printed accuracies are the saved model's
+    from snp_fast.demo import accuracy, digits_data
+    _, _, x_te, y_te = digits_data()
+    x_te, y_te = x_te[:100], y_te[:100]
+    acc = accuracy(m, x_te, y_te)
+    assert f'-> fine-tuned {acc:.2%}' in r.stdout, r.stdout
+    assert acc > accuracy(snp_fast.load_pruned(str(digits_pruned)), x_te, y_te)   # 4 KD steps already recover
+
+
+def test_finetune_stop_and_resume(digits_pruned, tmp_path, capsys):
+    args = ['finetune', digits_pruned, *FT_FAST, '--checkpoint-dir', tmp_path / 'ck']
+    rc, text = main_rc(capsys, *args, '--out', tmp_path / 'a', '--stop-after', 2)
+    assert rc == 0 and 'stopped at step 2' in text and not (tmp_path / 'a').exists(), text
+    rc, text = main_rc(capsys, *args, '--out', tmp_path / 'a', '--resume')
+    assert rc == 0 and 'resumed' in text, text
+    rc, text = main_rc(capsys, 'finetune', digits_pruned, *FT_FAST, '--out', tmp_path / 'b')
+    assert rc == 0, text
+    a, b = snp_fast.load_pruned(str(tmp_path / 'a')), snp_fast.load_pruned(str(tmp_path / 'b'))
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+@pytest.mark.parametrize('case', ['no_dir', 'out_exists', 'no_checkpoint', 'bad_alpha', 'wrong_teacher',
+                                  'teacher_without_weights', 'bad_data'])
+def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'x').write_text('x')
+    d = digits_pruned
+    args, expect = {
+        'no_dir': (['finetune', tmp_path / 'nope', '--data', 'digits'], 'DIR'),
+        'out_exists': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'full'], '--out'),
+        'no_checkpoint': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--resume'], '--resume'),
+        'bad_alpha': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--alpha', 2], '--alpha'),
+        'wrong_teacher': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--teacher-weights',
+                           work / 'tiny.safetensors'], '--teacher-weights'),
+        'teacher_without_weights': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--teacher',
+                                     TINY_NAME], '--teacher-weights'),
+        'bad_data': (['finetune', d, '--data', 'imagenet'], '--data'),
+    }[case]
+    rc, text = main_rc(capsys, *args)
+    assert rc == 2 and expect in text, text
+    assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.slow
+def test_finetune_torchrun_two_processes(digits_pruned, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU) gives the 1-process result with the same global batch."""
+    env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
+           '-m', 'snp_fast', 'finetune', str(digits_pruned), *map(str, FT_FAST), '--out', str(tmp_path / 'two')]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('wrote ') == 1, r.stdout          # rank 0 alone reports and writes
+    r = run_cli('finetune', digits_pruned, *FT_FAST, '--out', tmp_path / 'one')
+    assert r.returncode == 0, r.stderr
+    one, two = (snp_fast.load_pruned(str(tmp_path / n)) for n in ('one', 'two'))
+    assert json.loads((tmp_path / 'two' / 'recipe.json').read_text())['finetune']['world_size'] == 2
+    for m in (one, two):   # key biases get no gradient (softmax ignores them): AdamW amplifies their rounding
+        for blk in m.blocks:
+            n = blk.attn.num_heads * blk.attn.qk_dim
+            blk.attn.qkv.bias.data[n:2 * n] = 0
+    diff = max((one.state_dict()[k] - v).abs().max().item() for k, v in two.state_dict().items())
+    assert diff < 1e-5
