@@ -314,9 +314,10 @@ def finetune(student: nn.Module, teacher: nn.Module, x_train: torch.Tensor, y_tr
     if rank != 0:
         log = lambda *_: None  # noqa: E731
     student.to(device)
-    teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.to(device).eval()   # its forward runs under no_grad; its requires_grad flags are left alone
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ValueError('no parameter of the student requires grad (was it pruned from a frozen model? '
+                         'call student.requires_grad_(True))')
     _check_inputs(student, teacher, x_train, y_train, val)
 
     per_rank = cfg.batch_size // world

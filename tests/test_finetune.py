@@ -76,6 +76,7 @@ def test_finetune_improves_and_writes_loadable_model(task, tmp_path):
     recipe = json.loads((tmp_path / 'ft' / 'recipe.json').read_text())
     assert recipe['finetune']['steps'] == 16 and recipe['finetune']['config']['epochs'] == 4
     assert recipe['dims_after'] == student.snp_recipe['dims_after']
+    assert all(p.requires_grad for p in teacher.parameters())   # the caller's teacher is not frozen behind its back
 
 
 def test_resume_equals_uninterrupted(task, tmp_path):
