@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('dir', metavar='DIR', help='a pruned model written by "snp-fast prune" (or snp_fast.save_pruned)')
     p.add_argument('--data', required=True, choices=('digits', 'faces'),
                    help='training/held-out data: the shipped fixtures\' tasks (scikit-learn digits 8x8; '
-                        'scikit-image lfw_subset faces vs non-faces, centre 24x24 crops)')
+                        'scikit-image lfw_subset faces vs non-faces, 24x24 top-left crops)')
     p.add_argument('--teacher', metavar='MODEL', help='timm name of the unpruned teacher (default: the recipe\'s)')
     p.add_argument('--teacher-weights', metavar='PATH', help='teacher weights (.safetensors or a torch state dict); '
                    'default for --data digits/faces: the shipped fixture of that task')

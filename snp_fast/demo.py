@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['digits_data', 'digits_vit', 'load_digits_vit', 'train_digits_vit', 'faces_data', 'faces_vit',
-           'load_faces_vit', 'train_faces_vit', 'accuracy', 'sample_photos']
+           'load_faces_vit', 'faces_crop', 'train_faces_vit', 'accuracy', 'sample_photos']
 
 DIGITS_VIT = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4,
                   mlp_ratio=4.0)
@@ -98,7 +98,7 @@ def faces_vit(**overrides):
 
 def load_faces_vit():
     """The faces ViT shipped with the package (tests/make_faces_checkpoint.py made it); it takes the
-    centre 24×24 crop of the 25×25 images: use faces_crop()."""
+    top-left 24×24 crop of the 25×25 images (faces_crop()) at test time."""
     import os
     from safetensors.torch import load_file
     model = faces_vit()
@@ -114,7 +114,7 @@ def faces_crop(x: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
 
 def train_faces_vit(epochs: int = 150, seed: int = 0, batch_size: int = 25, lr: float = 1e-3, **overrides):
     """Train the faces ViT from scratch (deterministic for a seed), with random 24×24 crops and horizontal
-    flips; returns (model, data) where data's images are already the centre crops."""
+    flips; returns (model, data) where data's images are already the top-left 24×24 crops."""
     torch.manual_seed(seed)
     x_tr, y_tr, x_te, y_te = faces_data(seed=seed)
     model = faces_vit(**overrides)
