@@ -142,22 +142,6 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
     wpath = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(wpath):
         raise RecipeError(f'{wpath} not found')
-def _init_computed_buffers(model: nn.Module, device) -> None:
-    """Non-persistent buffers (RoPE tables, EvaAttention's zero k_bias) are not in the weights file: timm
-    recomputes them from each module's configuration (init_non_persistent_buffers)."""
-    for name, buf in list(model.named_buffers()):
-        if not buf.is_meta:
-            continue
-        mod_name, _, leaf = name.rpartition('.')
-        mod = model.get_submodule(mod_name) if mod_name else model
-        if not hasattr(mod, 'init_non_persistent_buffers'):
-            raise RecipeError(f'buffer {name} is not saved and {type(mod).__name__} cannot recompute it')
-        mod._buffers[leaf] = torch.empty_like(buf, device=device)
-    for mod in model.modules():
-        if hasattr(mod, 'init_non_persistent_buffers') and any(True for _ in mod.buffers(recurse=False)):
-            mod.init_non_persistent_buffers()
-
-
     model = _build_skeleton(recipe)
     try:
         before, after = ModelDims.from_dict(recipe['dims_before']), ModelDims.from_dict(recipe['dims_after'])
@@ -186,4 +170,3 @@ def _init_computed_buffers(model: nn.Module, device) -> None:
     model.load_state_dict(state, strict=True, assign=True)
     model.snp_recipe = recipe
     return model.eval()
-    _init_computed_buffers(model, device)
