@@ -135,6 +135,22 @@ def load_recipe(directory: str) -> dict:
     return recipe
 
 
+def _init_computed_buffers(model: nn.Module, device) -> None:
+    """Non-persistent buffers (RoPE tables, EvaAttention's zero k_bias) are not in the weights file: timm
+    recomputes them from each module's configuration (init_non_persistent_buffers)."""
+    for name, buf in list(model.named_buffers()):
+        if not buf.is_meta:
+            continue
+        mod_name, _, leaf = name.rpartition('.')
+        mod = model.get_submodule(mod_name) if mod_name else model
+        if not hasattr(mod, 'init_non_persistent_buffers'):
+            raise RecipeError(f'buffer {name} is not saved and {type(mod).__name__} cannot recompute it')
+        mod._buffers[leaf] = torch.empty_like(buf, device=device)
+    for mod in model.modules():
+        if hasattr(mod, 'init_non_persistent_buffers') and any(True for _ in mod.buffers(recurse=False)):
+            mod.init_non_persistent_buffers()
+
+
 def load_pruned(directory: str, device='cpu') -> nn.Module:
     """Rebuild a model saved by save_pruned() (no pickle; every tensor name and shape is checked)."""
     from safetensors import safe_open
@@ -168,5 +184,6 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
                 raise RecipeError(f'{wpath}: {k} has shape {tuple(t.shape)} but the recipe gives {expected[k]}')
             state[k] = t
     model.load_state_dict(state, strict=True, assign=True)
+    _init_computed_buffers(model, device)
     model.snp_recipe = recipe
     return model.eval()
