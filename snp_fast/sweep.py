@@ -10,7 +10,7 @@ For each model name (timm.list_models, pretrained=False; no weights are download
    not run at that size. The sweep covers STRUCTURE (block, attention, MLP, token, norm and head
    types), not size: a 2-block model has the same layer types as the full-depth one;
 2. prune it with snp_fast.prune on 2 random calibration images at {'qk': .25, 'v': .25, 'mlp': .25,
-   'embed': .125} (qk_norm models refuse q/k pruning: they are re-tried with qk=0 and that is recorded);
+   'embed': .125} (qk_norm and RoPE models refuse q/k pruning: they are re-tried with qk=0, recorded);
 3. run the pruned model (the output must have the original's shape and be finite);
 4. save_pruned / load_pruned through a temporary directory; the loaded model's output must equal the
    pruned model's exactly.
@@ -168,17 +168,35 @@ def _candidates(name: str, depth: int, min_img: int, extra: Optional[dict] = Non
         except Exception:  # noqa: BLE001 -- timm rejects these kwargs (or cannot build on meta)
             return None
 
-    first = meta({'depth': depth})
+    base = {'depth': depth}
+    first = meta(base)
+    if first is None:  # per-block kwargs (Sapiens2's num_kv_heads) reject a bare depth: one block of each kind
+        kv = [getattr(b.attn, 'num_kv_heads', None) for b in getattr(meta({}), 'blocks', [])]
+        if kv and None not in kv:
+            kinds = list(dict.fromkeys(kv))
+            base = {'depth': depth, 'num_kv_heads': [kinds[min(i, len(kinds) - 1)] for i in range(depth)]}
+            first = meta(base)
     stride = _stride(first) if first is not None else None
     if stride is None:
         m = re.search(r'patch(\d+)', name)
         stride = int(m.group(1)) if m else None
     cands = []
     if stride:
-        kw = {'depth': depth, 'img_size': math.ceil(min_img / stride) * stride}
+        kw = dict(base, img_size=math.ceil(min_img / stride) * stride)
         cands.append((kw, meta(kw)))
-    cands += [({'depth': depth}, first), ({}, meta({}))]
+    cands += [(base, first), ({}, meta({}))]
     return cands
+
+
+def _refuse_on_meta(meta, ratios: dict) -> None:
+    """Raise snp_fast's UnsupportedModelError for an unsupported structure, from the meta-device build (no data)."""
+    import snp_fast
+    try:
+        snp_fast.prune(meta, None, ratios)  # refuses an unsupported structure before touching data
+    except snp_fast.UnsupportedModelError:
+        raise
+    except Exception:  # noqa: BLE001 -- supported structure (it asked for data): the caller goes on
+        pass
 
 
 def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: Optional[dict] = None):
@@ -186,11 +204,11 @@ def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: 
 
     A candidate whose meta-device build has more than MAX_BUILD_PARAMS parameters (e.g. a model that rejects
     depth=2) is not materialised: snp_fast.prune is called on the meta model without data, which refuses
-    an unsupported structure before it needs any; otherwise the model is skipped as too large.
+    an unsupported structure before it needs any; otherwise the model is skipped as too large. The same
+    check runs before any full-depth build (a model whose kwargs reject depth=2, e.g. per-block num_kv_heads).
     """
     import timm
     import torch
-    import snp_fast
     errors, too_big = [], None
     for kw, meta in _candidates(name, depth, min_img, extra):
         kw = dict(kw, **(extra or {}))
@@ -199,6 +217,8 @@ def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: 
             errors.append(f'{kw}: {_n_params(meta) / 1e9:.2f}B parameters, over the {MAX_BUILD_PARAMS / 1e6:.0f}M '
                           'build limit')
             continue
+        if meta is not None and 'depth' not in kw:
+            _refuse_on_meta(meta, ratios)  # a full-depth build is only worth its minutes if snp_fast would prune it
         try:
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, **kw).eval()
@@ -212,13 +232,7 @@ def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: 
         except Exception as e:  # noqa: BLE001 -- timm rejected these kwargs: try the next, larger set
             errors.append(f'{kw}: {type(e).__name__}: {_short(e, 160)}')
     if too_big is not None:
-        kw, meta = too_big
-        try:
-            snp_fast.prune(meta, None, ratios)  # refuses an unsupported structure before touching data
-        except snp_fast.UnsupportedModelError:
-            raise
-        except Exception:  # noqa: BLE001 -- supported structure (it asked for data): too large to sweep here
-            pass
+        _refuse_on_meta(too_big[1], ratios)
         raise SweepSkip('too large to build on this machine (' + '; '.join(errors) + ')')
     raise RuntimeError('timm could not build and run the unpruned model: ' + ' | '.join(errors))
 
@@ -263,11 +277,12 @@ def _sweep_model(res: SweepResult, ratios: dict, depth: int, min_img: int, seed:
     try:
         pruned, report = snp_fast.prune(model, calib, ratios)
     except ValueError as e:
-        if 'qk_norm' not in str(e) or not ratios.get('qk'):
+        if 'q/k dims cannot be pruned' not in str(e) or not ratios.get('qk'):
             raise
         ratios = dict(ratios, qk=0.0)
         pruned, report = snp_fast.prune(model, calib, ratios)
-        res.detail = 'qk=0 (qk_norm model: q/k dims cannot be pruned)'
+        why = 'RoPE' if 'RoPE' in str(e) else 'qk_norm'
+        res.detail = f'qk=0 ({why} model: q/k dims cannot be pruned)'
     res.params_before, res.params_after = report.params_before, report.params_after
     res.macs_before, res.macs_after = report.macs_before, report.macs_after
     pruned.eval()
@@ -426,7 +441,7 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
          '(cls / distillation / register), norm, pooling and head types are those of the full model; the '
          'parameter and MAC counts below are of these 2-block, small-image builds, NOT of the released models.', '',
          f'Per model: `snp_fast.prune(model, calib, {ratios})` with {CALIB_IMAGES} random calibration images of '
-         'the model\'s input size (default criteria, re-fit on); qk_norm models refuse q/k pruning and are '
+         'the model\'s input size (default criteria, re-fit on); qk_norm and RoPE models refuse q/k pruning and are '
          're-tried with qk=0 (noted). Then a forward of the pruned model (same output shape as the original, '
          'finite), and `save_pruned` → `load_pruned` through a temporary directory, whose output must equal the '
          f'pruned model\'s exactly (`torch.equal`). Time limit {timeout:g} s per model.', '',
@@ -434,8 +449,8 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
          '## Summary', '',
          f'- **{ok} / {n} pruned and running ({share:.1%})**' + (' — meets' if share >= 0.9 else ' — below')
          + ' the issue\'s 90 % target',
-         f'- ok: {ok} (of which q/k kept whole for qk_norm: '
-         f'{sum(1 for r in results if r.status == "ok" and "qk_norm" in r.detail)})',
+         f'- ok: {ok} (of which q/k kept whole for qk_norm / RoPE: '
+         f'{sum(1 for r in results if r.status == "ok" and r.detail.startswith("qk=0"))})',
          f'- refused (with a reason): {c["refused"]}',
          f'- FAILED (crash / wrong result): {c["FAILED"]}',
          f'- timeout: {c["timeout"]}',
