@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import __version__, ops
 from .macs import count_macs, count_params, meta_copy
-from .models import vit
+from .models import roles, vit
 from .models.vit import BlockSelection, ModelDims, Selection
 from .ratios import resolve_ratios, target_dims
 from .refit import DEFAULT_DAMP, LinearFit, RefitStats
@@ -139,14 +139,28 @@ def _prefix(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
     for x in _chunks(images, batch):
         x = model.patch_embed(x)
         x = model._pos_embed(x)
-        x = model.patch_drop(x)
+        # the Eva family's _pos_embed also returns the RoPE tables (see _block_kwargs) and drops patches itself
+        x = x[0] if isinstance(x, tuple) else model.patch_drop(x)
         out.append(model.norm_pre(x))
     return _cat(out)
 
 
 @torch.no_grad()
-def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, Tuple[nn.Module, str]], batch: int):
-    """module(x) in chunks; returns (output, {name: captured 'in'put or 'out'put of a submodule})."""
+def _block_kwargs(model: nn.Module, images: torch.Tensor) -> List[dict]:
+    """Keyword arguments the model's forward passes to each block: the RoPE tables of the Eva family
+    (one table for all blocks, or one per block for 'mixed' RoPE), nothing for a plain ViT."""
+    if getattr(model, 'rope', None) is None:
+        return [{} for _ in model.blocks]
+    _, rope = model._pos_embed(model.patch_embed(images[:1]))
+    if getattr(model, 'rope_mixed', False):
+        return [{'rope': rope[i]} for i in range(len(model.blocks))]
+    return [{'rope': rope} for _ in model.blocks]
+
+
+@torch.no_grad()
+def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, Tuple[nn.Module, str]], batch: int,
+                  kwargs: Optional[dict] = None):
+    """module(x, **kwargs) in chunks; returns (output, {name: captured 'in'put or 'out'put of a submodule})."""
     store = defaultdict(list)
     handles = []
     for name, (sub, which) in taps.items():
@@ -154,7 +168,7 @@ def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, Tuple[nn.M
             store[name].append(inp[0] if which == 'in' else out)
         handles.append(sub.register_forward_hook(hook))
     try:
-        outs = [module(c) for c in _chunks(x, batch)]
+        outs = [module(c, **(kwargs or {})) for c in _chunks(x, batch)]
     finally:
         for h in handles:
             h.remove()
@@ -200,8 +214,8 @@ def _embed_scores(model: nn.Module, criterion: str, calib: Optional[torch.Tensor
             raise ValueError('embed_criterion="activation" needs calibration images')
         x = _prefix(model, calib, batch)
         per_block = []
-        for i, blk in enumerate(model.blocks):
-            x = _finite(_apply(blk, x, batch), f'the output of blocks.{i} of the original model')
+        for i, (blk, kw) in enumerate(zip(model.blocks, _block_kwargs(model, calib))):
+            x = _finite(_apply(lambda t: blk(t, **kw), x, batch), f'the output of blocks.{i} of the original model')
             per_block.append(x.float().pow(2).sum(dim=(0, 1)).sqrt())
         return tss_average(per_block)
     producers = [model.patch_embed.proj.weight.flatten(1)]
@@ -283,9 +297,10 @@ def prune(
     dims_before = vit.model_dims(model)
     spec = resolve_ratios(preset if preset is not None else ratios, len(dims_before.blocks))
     dims_after = target_dims(dims_before, spec, notes)
-    if vit.has_qk_norm(model) and any(a.qk != b.qk for a, b in zip(dims_after.blocks, dims_before.blocks)):
-        raise ValueError('this model normalises q and k per head (qk_norm), so q/k dims cannot be pruned; set the '
-                         'qk ratios to 0 (v, fc1 and embedding pruning remain available)')
+    fixed_qk = vit.fixed_qk_reason(model)
+    if fixed_qk and any(a.qk != b.qk for a, b in zip(dims_after.blocks, dims_before.blocks)):
+        raise ValueError(f'{fixed_qk}, so q/k dims cannot be pruned; set the qk ratios to 0 (v, fc1 and embedding '
+                         'pruning remain available)')
     if refit_tokens is not None and (not isinstance(refit_tokens, int) or refit_tokens < 1):
         raise ValueError(f'refit_tokens must be None (all tokens) or a positive int, got {refit_tokens!r}')
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
@@ -347,9 +362,11 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
                                                                                 persistent=name in persistent)
 
     x = xp = None
+    kws = [{} for _ in model.blocks]
     if calib is not None:
         with timer('calibration'):
             x = _prefix(model, calib, batch)
+            kws = _block_kwargs(model, calib)
         if refit:
             with timer('refit'):
                 xp = _prefix(pruned, calib, batch)
@@ -362,9 +379,9 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
         cap = {}
         if x is not None:
             with timer('calibration'):
-                taps = {'qkv': (ob.attn.qkv, 'out'), 'proj_out': (ob.attn.proj, 'out'),
-                        'fc1': (ob.mlp.fc1, 'out'), 'fc2_in': (ob.mlp.fc2, 'in'), 'fc2_out': (ob.mlp.fc2, 'out')}
-                x_next, cap = _run_captured(ob, x, taps, batch)
+                x_next, cap = _run_captured(ob, x, _block_taps(ob), batch, kws[i])
+                if 'attn_in' in cap:
+                    cap['qkv'] = roles.qkv_output(ob.attn, cap.pop('attn_in'))
                 _finite(x_next, f'the output of blocks.{i} of the original model')
         with timer('qk_scoring'):
             if bd.qk == d:
@@ -375,19 +392,19 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
                         for qc, kc in zip(_chunks(q, batch), _chunks(k, batch)))
                 qk_sel = select_per_head(s, bd.qk)
             else:
-                qk_sel = select_per_head(qk_magnitude(ob.attn.qkv.weight, H, d), bd.qk)
+                qk_sel = select_per_head(qk_magnitude(roles.qkv_weight(ob.attn)[0], H, d), bd.qk)
         with timer('selection'):
             if bd.v == d:
                 v_sel = torch.arange(d).expand(H, d).clone()
             else:
-                v_w = ob.attn.qkv.weight[2 * H * d:]
+                v_w = roles.qkv_weight(ob.attn)[0][2 * H * d:]
                 act = cap['qkv'][..., 2 * H * d:].float().pow(2).sum(dim=(0, 1)) if v_criterion == 'activation' else None
                 v_sel = select_per_head(row_scores(v_w, v_criterion, act, backend).view(H, d), bd.v)
             if bd.mlp == od.mlp:
                 m_sel = torch.arange(od.mlp)
             else:
                 act = cap['fc2_in'].float().pow(2).sum(dim=(0, 1)) if mlp_criterion == 'activation' else None
-                m_sel = select_top(row_scores(ob.mlp.fc1.weight, mlp_criterion, act, backend), bd.mlp)
+                m_sel = select_top(row_scores(roles.mlp_in_weight(ob.mlp), mlp_criterion, act, backend), bd.mlp)
         sel = BlockSelection(qk_sel, v_sel, m_sel)
         selections.append(sel)
         bplan = vit.block_plan(model, i, sel, embed)
@@ -395,7 +412,8 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
             _slice_into(pruned, model, bplan, sorted(n for n in block_names if n.startswith(f'blocks.{i}.')), backend)
         if refit:
             with timer('refit'):
-                xp = _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, backend, stats, i)
+                xp = _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, backend, stats, i,
+                                  kws[i], roles.mlp_fc1_rows(ob.mlp, sel.mlp))
         x = x_next if x is not None else None
         cap.clear()
     if refit:
@@ -405,6 +423,17 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
     if leftover:
         raise RuntimeError(f'internal error: parameters left unassigned after pruning: {leftover[:5]}')
     return pruned, Selection(embed, selections), stats
+
+
+def _block_taps(blk: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
+    """What scoring and the re-fit capture from an original block: q/k/v (or, when the projection is
+    not a single Linear call, e.g. EvaAttention's F.linear with separate biases, the attention's input),
+    proj's output, every fc1 output, fc2's input and output."""
+    a, mlp = blk.attn, blk.mlp
+    taps = {'qkv': (a.qkv, 'out')} if roles.qkv_layout(a) == 'fused' else {'attn_in': (a, 'in')}
+    taps.update({n: (getattr(mlp, n), 'out') for n in roles.mlp_fc1_rows(mlp, torch.arange(0))})
+    taps.update({'proj_out': (a.proj, 'out'), 'fc2_in': (mlp.fc2, 'in'), 'fc2_out': (mlp.fc2, 'out')})
+    return taps
 
 
 def _split_qk(attn: nn.Module, qkv: torch.Tensor, H: int, d: int):
@@ -435,8 +464,12 @@ def _fit(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, rows: Optional[torc
 
 
 @torch.no_grad()
-def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, backend, stats, i):
-    """Sequential re-fit of one pruned block: qkv, proj, fc1, fc2 (SNP.md, "Compensation")."""
+def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, backend, stats, i, kwargs=None,
+                 fc1_rows=None):
+    """Sequential re-fit of one pruned block: qkv, proj, fc1, fc2 (SNP.md, "Compensation").
+
+    kwargs: what the block's forward gets besides x (RoPE); fc1_rows: {fc1 Linear name: kept rows of the
+    ORIGINAL layer} (default: a plain Mlp's fc1 at sel.mlp)."""
     dev = xp.device
     e = embed.to(dev)
     rows = _token_subset(xp.shape[0] * xp.shape[1], refit_tokens, gen)
@@ -445,17 +478,22 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
     p = f'blocks.{i}'
 
     n1 = _apply(pb.norm1, xp, batch)
-    stats[f'{p}.attn.qkv'] = _fit(pb.attn.qkv, n1, cap['qkv'][..., qkv_rows], rows, damp, backend)
+    for name, layer, cols, write_back in roles.qkv_fit_parts(pb.attn, sel.qk.numel(), sel.v.numel()):
+        target = cap['qkv'][..., qkv_rows[cols.to(dev)]]
+        stats[f'{p}.attn.{name}'] = _fit(layer, n1, target, rows, damp, backend)
+        write_back()
     # the sliced proj's output on ctx comes with the run: it is the re-fit's starting prediction
-    _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in'), 'pred': (pb.attn.proj, 'out')}, batch)
+    _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in'), 'pred': (pb.attn.proj, 'out')}, batch, kwargs)
     stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap['proj_out'][..., e], rows, damp, backend, c['pred'])
-    xp_mid = xp + _apply(lambda t: pb.ls1(pb.attn.proj(t)), c['ctx'], batch)
+    ls1, ls2 = roles.branch_scale(pb, 1), roles.branch_scale(pb, 2)
+    xp_mid = xp + _apply(lambda t: ls1(pb.attn.proj(t)), c['ctx'], batch)
     del n1, c
     n2 = _apply(pb.norm2, xp_mid, batch)
-    stats[f'{p}.mlp.fc1'] = _fit(pb.mlp.fc1, n2, cap['fc1'][..., sel.mlp.to(dev)], rows, damp, backend)
+    for name, kept in (fc1_rows or {'fc1': sel.mlp}).items():
+        stats[f'{p}.mlp.{name}'] = _fit(getattr(pb.mlp, name), n2, cap[name][..., kept.to(dev)], rows, damp, backend)
     _, c = _run_captured(pb.mlp, n2, {'hidden': (pb.mlp.fc2, 'in'), 'pred': (pb.mlp.fc2, 'out')}, batch)
     stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap['fc2_out'][..., e], rows, damp, backend, c['pred'])
-    xp_out = xp_mid + _apply(lambda t: pb.ls2(pb.mlp.fc2(t)), c['hidden'], batch)
+    xp_out = xp_mid + _apply(lambda t: ls2(pb.mlp.fc2(t)), c['hidden'], batch)
     return _finite(xp_out, f'the output of blocks.{i} of the pruned model')
 
 

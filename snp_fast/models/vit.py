@@ -1,4 +1,5 @@
-"""SNP adapter for timm `VisionTransformer` (ViT, DeiT, distilled DeiT, DeiT-3, register tokens).
+"""SNP adapter for timm `VisionTransformer` (ViT, DeiT, distilled DeiT, DeiT-3, register tokens) and timm
+`Eva` (EVA-02, DINOv3, RoPE-ViT, PE; the per-layout details live in roles.py).
 
 The adapter knows the family's structure, so it builds the coupled groups of SNP.md directly (no
 tracing): per block a query/key group, a value group and an FFN group, and one residual-stream
@@ -17,13 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import roles
+
 __all__ = ['BlockDims', 'ModelDims', 'BlockSelection', 'Selection', 'PrunedAttention', 'check_supported',
            'model_dims', 'apply_dims', 'slice_plan', 'block_plan', 'stem_and_head_plan', 'SUPPORTED',
            'UnsupportedModelError']
 
-SUPPORTED = ('timm VisionTransformer / VisionTransformerDistilled built from the standard Block, Attention '
-             'and Mlp layers: vit_*, deit_*, deit3_*, *_distilled, register-token and class_token=False '
-             '(avg-pool) variants')
+SUPPORTED = ('timm VisionTransformer / VisionTransformerDistilled built from the standard Block and Attention '
+             'layers (vit_*, deit_*, deit3_*, *_distilled, register-token and class_token=False variants), and '
+             'timm Eva (EvaBlock with EvaAttention / AttentionRope: EVA-02, DINOv3, RoPE-ViT, PE; q/k kept whole), '
+             'with Mlp, GluMlp or SwiGLU FFNs')
 
 Slice = Tuple[int, torch.Tensor]
 Plan = Dict[str, List[Slice]]
@@ -141,10 +145,23 @@ def _timm_classes():
     return VisionTransformer, Block, Attention, Mlp
 
 
+def _eva_classes():
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import Eva, EvaAttention, EvaBlock
+    return Eva, EvaBlock, (EvaAttention, AttentionRope)
+
+
+def is_eva(model: nn.Module) -> bool:
+    """timm's Eva family (EVA-02, DINOv3, RoPE-ViT, PE, ...: vit_* names built by timm/models/eva.py)."""
+    return isinstance(model, _eva_classes()[0])
+
+
 def check_supported(model: nn.Module, allow_pruned: bool = False) -> None:
-    """Raise UnsupportedModelError naming what is supported unless `model` is a plain timm ViT."""
+    """Raise UnsupportedModelError naming what is supported unless `model` is a plain timm ViT or Eva."""
     VisionTransformer, Block, Attention, Mlp = _timm_classes()
-    if not isinstance(model, VisionTransformer):
+    Eva, EvaBlock, rope_attns = _eva_classes()
+    eva = isinstance(model, Eva)
+    if not (eva or isinstance(model, VisionTransformer)):
         raise UnsupportedModelError(f'{type(model).__name__} is not supported; snp_fast prunes {SUPPORTED}')
     if getattr(model, 'attn_pool', None) is not None:
         raise UnsupportedModelError(f'global_pool={model.global_pool!r} (attention pooling head) is not supported; '
@@ -152,22 +169,26 @@ def check_supported(model: nn.Module, allow_pruned: bool = False) -> None:
     if not isinstance(getattr(model.patch_embed, 'proj', None), nn.Conv2d):
         raise UnsupportedModelError(f'patch embedding {type(model.patch_embed).__name__} without a Conv2d proj '
                                     'is not supported')
-    attn_types = (Attention, PrunedAttention) if allow_pruned else (Attention,)
+    block_type, attn_types, pruned_type = (EvaBlock, rope_attns, roles.PrunedRopeAttention) if eva else \
+        (Block, (Attention,), PrunedAttention)
+    attn_types = attn_types + (pruned_type,) if allow_pruned else attn_types
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block:
-            raise UnsupportedModelError(f'blocks.{i} is a {type(blk).__name__}; only timm Block is supported '
-                                        f'({SUPPORTED})')
+        if type(blk) is not block_type:
+            raise UnsupportedModelError(f'blocks.{i} is a {type(blk).__name__}; only timm {block_type.__name__} is '
+                                        f'supported in a {type(model).__name__} ({SUPPORTED})')
         if type(blk.attn) not in attn_types:
-            what = 'already pruned (re-pruning is not supported)' if isinstance(blk.attn, PrunedAttention) \
+            what = 'already pruned (re-pruning is not supported)' if isinstance(blk.attn, pruned_type) \
                 else f'a {type(blk.attn).__name__}'
-            raise UnsupportedModelError(f'blocks.{i}.attn is {what}; only timm Attention is supported')
-        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear):
-            raise UnsupportedModelError(f'blocks.{i}.mlp is a {type(blk.mlp).__name__}; only timm Mlp '
-                                        '(fc1 -> act -> fc2) is supported')
+            raise UnsupportedModelError(f'blocks.{i}.attn is {what}; only timm '
+                                        f'{" / ".join(t.__name__ for t in attn_types)} is supported')
+        if getattr(blk.attn, 'num_kv_groups', 1) != 1:
+            raise UnsupportedModelError(f'blocks.{i}.attn uses grouped-query attention (num_kv_heads < num_heads), '
+                                        'which is not supported')
+        roles.check_mlp(blk.mlp, f'blocks.{i}.mlp', UnsupportedModelError)
 
 
 def _attn_dims(attn: nn.Module) -> Tuple[int, int, int]:
-    if isinstance(attn, PrunedAttention):
+    if isinstance(attn, (PrunedAttention, roles.PrunedRopeAttention)):
         return attn.num_heads, attn.qk_dim, attn.v_dim
     return attn.num_heads, attn.head_dim, attn.head_dim
 
@@ -176,12 +197,26 @@ def model_dims(model: nn.Module) -> ModelDims:
     blocks = []
     for blk in model.blocks:
         h, qk, v = _attn_dims(blk.attn)
-        blocks.append(BlockDims(h, qk, v, blk.mlp.fc1.out_features))
+        blocks.append(BlockDims(h, qk, v, roles.mlp_hidden(blk.mlp)))
     return ModelDims(model.embed_dim, blocks)
 
 
 def has_qk_norm(model: nn.Module) -> bool:
     return any(not isinstance(b.attn.q_norm, nn.Identity) for b in model.blocks)
+
+
+def fixed_qk_reason(model: nn.Module) -> str:
+    """Why the q/k dims of `model` cannot be pruned ('' when they can).
+
+    RoPE rotates each pair of q/k dims by the token's position, so a dim is not an independent rank-1
+    term of QKᵀ; pruning whole rotation pairs (and slicing the rotation tables per block) is possible
+    but not implemented: like qk_norm models, RoPE models keep q/k whole (v, fc1, embed are pruned).
+    """
+    if is_eva(model):
+        return 'this model rotates q and k by position (RoPE, timm Eva family)'
+    if has_qk_norm(model):
+        return 'this model normalises q and k per head (qk_norm)'
+    return ''
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,19 +280,15 @@ def block_plan(model: nn.Module, i: int, sel: BlockSelection, embed: torch.Tenso
     plan: Plan = {}
     _norm_plan(plan, f'{p}.norm1', blk.norm1, embed)
     _norm_plan(plan, f'{p}.norm2', blk.norm2, embed)
-    _linear_plan(plan, f'{p}.attn.qkv', attn.qkv, qkv_rows, embed)
+    roles.qkv_plan(plan, f'{p}.attn', attn, q_rows, v_cols, embed)
     if not isinstance(attn.norm, nn.Identity):
         _norm_plan(plan, f'{p}.attn.norm', attn.norm, v_cols)
     if getattr(attn, 'gate', None) is not None:
         _linear_plan(plan, f'{p}.attn.gate', attn.gate, v_cols, embed)
     _linear_plan(plan, f'{p}.attn.proj', attn.proj, embed, v_cols)
-    for ls in ('ls1', 'ls2'):
-        if hasattr(getattr(blk, ls), 'gamma'):
-            plan[f'{p}.{ls}.gamma'] = [(0, embed)]
-    _linear_plan(plan, f'{p}.mlp.fc1', blk.mlp.fc1, sel.mlp, embed)
-    if not isinstance(blk.mlp.norm, nn.Identity):
-        _norm_plan(plan, f'{p}.mlp.norm', blk.mlp.norm, sel.mlp)
-    _linear_plan(plan, f'{p}.mlp.fc2', blk.mlp.fc2, embed, sel.mlp)
+    for name in roles.scale_names(blk):
+        plan[f'{p}.{name}'] = [(0, embed)]
+    roles.mlp_plan(plan, f'{p}.mlp', blk.mlp, sel.mlp, embed, _norm_plan)
     return plan
 
 
@@ -334,20 +365,29 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
             norm = a.norm
             _resize_norm(norm, bd.heads * bd.v)
         gate = getattr(a, 'gate', None)
-        blk.attn = PrunedAttention(
-            D, bd.heads, bd.qk, bd.v, scale=float(a.scale), qkv_bias=a.qkv.bias is not None,
-            proj_bias=a.proj.bias is not None, q_norm=q_norm, k_norm=k_norm, norm=norm,
-            gate_bias=None if gate is None else gate.bias is not None, attn_drop=a.attn_drop.p,
-            proj_drop=a.proj_drop.p, device='meta', dtype=a.qkv.weight.dtype)
+        gate_bias = None if gate is None else gate.bias is not None
+        if hasattr(a, 'num_prefix_tokens'):  # timm's rotary attentions (Eva family)
+            if bd.heads != od.heads or bd.qk != od.qk:
+                raise ValueError(f'blocks.{i}: head and q/k pruning of a RoPE attention are not supported')
+            blk.attn = roles.PrunedRopeAttention(
+                D, bd.heads, bd.qk, bd.v, scale=float(a.scale), layout=roles.qkv_layout(a), qkv_bias=roles.qkv_biases(a),
+                proj_bias=a.proj.bias is not None, num_prefix_tokens=a.num_prefix_tokens,
+                rotate_half=bool(getattr(a, 'rotate_half', False)), q_norm=q_norm, k_norm=k_norm, norm=norm,
+                gate_bias=gate_bias, attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p, device='meta',
+                dtype=a.proj.weight.dtype)
+        else:
+            blk.attn = PrunedAttention(
+                D, bd.heads, bd.qk, bd.v, scale=float(a.scale), qkv_bias=a.qkv.bias is not None,
+                proj_bias=a.proj.bias is not None, q_norm=q_norm, k_norm=k_norm, norm=norm, gate_bias=gate_bias,
+                attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p, device='meta', dtype=a.qkv.weight.dtype)
         for ls in ('ls1', 'ls2'):
-            mod = getattr(blk, ls)
+            mod = getattr(blk, ls, None)
             if hasattr(mod, 'gamma'):
                 mod.gamma = _new_param(mod.gamma, (D,))
-        mlp = blk.mlp
-        mlp.fc1 = _new_linear(mlp.fc1, D, bd.mlp)
-        if not isinstance(mlp.norm, nn.Identity):
-            _resize_norm(mlp.norm, bd.mlp)
-        mlp.fc2 = _new_linear(mlp.fc2, bd.mlp, D)
+        for g in ('gamma_1', 'gamma_2'):
+            if getattr(blk, g, None) is not None:
+                setattr(blk, g, _new_param(getattr(blk, g), (D,)))
+        roles.resize_mlp(blk.mlp, D, bd.mlp, _new_linear, _resize_norm)
     model.embed_dim = model.num_features = D
     if hasattr(model, 'head_hidden_size'):
         model.head_hidden_size = D

@@ -1,0 +1,113 @@
+"""Model families beyond the plain ViT: timm's Eva family (EVA-02 / DINOv3 / RoPE-ViT / PE: RoPE,
+EvaAttention with split q/k/v biases, separate q/k/v projections, AttentionRope, mixed RoPE) and the
+GluMlp / SwiGLU FFNs, on tiny builds of real timm architectures."""
+import pytest
+import timm
+import torch
+
+import snp_fast
+from snp_fast.models import roles, vit
+
+RATIOS = {'qk': 0, 'v': .5, 'mlp': .5, 'embed': .25}
+SMALL = dict(pretrained=False, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10)
+
+# name -> (extra kwargs, the layout / FFN type the case exists for)
+CASES = {
+    'eva_split_bias': ('vit_small_patch16_dinov3_qkvb', {}, 'split_bias', 'Mlp'),         # DINOv3, 4 registers, LS
+    'eva_separate_swiglu': ('vit_small_patch16_dinov3_qkvb', dict(qkv_fused=False, swiglu_mlp=True, scale_mlp=True),
+                            'separate', 'SwiGLU'),
+    'eva_glu': ('vit_small_patch16_dinov3', dict(swiglu_mlp=True), 'fused', 'GluMlp'),
+    'rope_mixed_ape': ('vit_small_patch16_rope_mixed_ape_224', dict(scale_attn_inner=True), 'fused', 'Mlp'),
+    'vit_glu': ('vit_giant_patch14_dinov2', dict(mlp_ratio=4), 'fused', 'GluMlp'),       # SwiGLUPacked, LayerScale
+}
+
+
+def _build(case):
+    name, kw, _, _ = CASES[case]
+    torch.manual_seed(0)
+    m = timm.create_model(name, **SMALL, **kw).eval()
+    with torch.no_grad():  # timm's init leaves biases at zero and LayerScale tiny: randomise
+        for n, p in m.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if 'gamma' in n else 0.05))
+    return m
+
+
+def _images(n, seed):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_family_layout_is_the_one_tested(case):
+    m = _build(case)
+    _, _, layout, mlp = CASES[case]
+    assert roles.qkv_layout(m.blocks[0].attn) == layout
+    assert type(m.blocks[0].mlp).__name__ == mlp
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_ratio_zero_reproduces_the_model(case):
+    m = _build(case)
+    x = _images(4, 1)
+    pruned, _ = snp_fast.prune(m, x, {'qk': 0, 'v': 0, 'mlp': 0, 'embed': 0})
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_pruned_runs_refit_helps_and_round_trips(case, tmp_path):
+    m = _build(case)
+    calib, held = _images(64, 1), _images(16, 2)
+    pruned, rep = snp_fast.prune(m, calib, RATIOS)
+    plain, _ = snp_fast.prune(m, calib, RATIOS, refit=False)
+    with torch.no_grad():
+        y0, y, yn = m(held), pruned(held), plain(held)
+    assert y.shape == y0.shape and torch.isfinite(y).all()
+    assert rep.params_after < 0.75 * rep.params_before
+    assert rep.dims_after.embed == 48 and all(b.mlp == rep.dims_before.blocks[0].mlp // 2 for b in rep.dims_after.blocks)
+    # held-out images: the block re-fit (on other images) brings the features closer to the original's. (The
+    # logits are not compared: 64 calibration images barely over-determine a 49-input head re-fit.)
+    with torch.no_grad():
+        keep = torch.tensor(pruned.snp_recipe['selection']['embed'])
+        f0, f, fn = m.forward_features(held)[..., keep], pruned.forward_features(held), plain.forward_features(held)
+    assert (f - f0).pow(2).mean() < 0.8 * (fn - f0).pow(2).mean()
+    snp_fast.save_pruned(pruned, str(tmp_path / 'm'))
+    loaded = snp_fast.load_pruned(str(tmp_path / 'm'))
+    with torch.no_grad():
+        assert torch.equal(loaded(held), y)
+
+
+def test_value_and_ffn_slices_equal_zeroed_filters():
+    """Slice == mask on a RoPE model with separate q/k/v and a SwiGLU without a hidden-width norm: removing
+    v filters and FFN neurons by slicing gives the original's output with those filters zeroed (embed
+    kept, so LayerNorm statistics are unchanged)."""
+    CASES['_mask'] = ('vit_small_patch16_dinov3_qkvb', dict(qkv_fused=False, swiglu_mlp=True, swiglu_align_to=8),
+                      'separate', 'SwiGLU')
+    try:
+        m, masked = _build('_mask'), _build('_mask')
+    finally:
+        del CASES['_mask']
+    x = _images(4, 1)
+    pruned, _ = snp_fast.prune(m, x, {'qk': 0, 'v': .5, 'mlp': .5, 'embed': 0}, refit=False)
+    with torch.no_grad():
+        for blk, bs in zip(masked.blocks, pruned.snp_recipe['selection']['blocks']):
+            v_drop = torch.ones(blk.attn.v_proj.out_features, dtype=torch.bool)
+            v_drop[vit._head_rows(torch.tensor(bs['v']), blk.attn.head_dim)] = False
+            m_drop = torch.ones(blk.mlp.fc1_x.out_features, dtype=torch.bool)
+            m_drop[torch.tensor(bs['mlp'])] = False
+            for lin, drop in ((blk.attn.v_proj, v_drop), (blk.mlp.fc1_x, m_drop)):
+                lin.weight[drop] = 0
+                lin.bias[drop] = 0
+        assert pruned.blocks[0].mlp.fc1_x.out_features == blk.mlp.fc1_x.out_features // 2
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_models_refuse_qk_pruning():
+    m = _build('eva_split_bias')
+    with pytest.raises(ValueError, match='RoPE.*q/k dims cannot be pruned'):
+        snp_fast.prune(m, _images(2, 1), {'qk': .25, 'v': 0, 'mlp': 0, 'embed': 0})
+
+
+def test_grouped_query_attention_is_refused():
+    m = timm.create_model('vit_small_patch16_dinov3', **SMALL, attn_type='rope', qkv_fused=False, num_kv_heads=2)
+    with pytest.raises(snp_fast.UnsupportedModelError, match='grouped-query attention'):
+        snp_fast.prune(m, _images(2, 1), {'qk': 0, 'v': .25, 'mlp': 0, 'embed': 0})
