@@ -8,6 +8,9 @@ The rule (one global knob, like the authors' hand-made presets, which prune deep
     mlp_i(s) = min(0.9, s * (0.2 + 0.6 * t_i))  fraction of fc1 neurons removed
     embed(s) = min(0.5, s * 0.2)                fraction of residual-stream channels removed
 
+Optionally (heads=h, "SNP + Head") every block first loses the fraction h of its whole heads
+(per-block rounding as in prune()), and the rule above then thins the kept heads.
+
 At s = 1 this is close to the authors' DeiT-S 2.0 GMACs setting (q/k 0.61 -> 0.8, v and fc1 0.2 ->
 0.8, embedding 0.2). Every ratio grows with s, so the model's MACs (or parameters) fall monotonically
 with s, and s is found by bisection on [0, S_MAX]. When the widths are too coarse for the closest s to
@@ -62,18 +65,19 @@ def format_quantity(v: float) -> str:
     return f'{v:.0f}'
 
 
-def profile_ratios(s: float, depth: int) -> Dict:
+def profile_ratios(s: float, depth: int, heads: float = 0.0) -> Dict:
     """The allocation rule above, as a ratios dict {'blocks': [...], 'embed'} (fractions removed)."""
     blocks = []
     for i in range(depth):
         t = i / (depth - 1) if depth > 1 else 1.0
         blocks.append({k: min(MAX_RATIO, max(0.0, s * (a + b * t))) for k, (a, b) in
                        ((k, PROFILE[k]) for k in ('qk', 'v', 'mlp'))})
+        blocks[-1]['heads'] = heads
     return {'blocks': blocks, 'embed': min(MAX_EMBED_RATIO, max(0.0, s * PROFILE['embed']))}
 
 
 def _round_width(keep: int, width: int, n: int) -> int:
-    if n <= 1 or width < n or keep == width:
+    if n <= 1 or width < n or keep == width or keep == 0:  # 0 = a dropped branch stays dropped
         return keep
     k = max(n, int(math.floor(keep / n + 0.5)) * n)
     return k if k <= width else keep
@@ -95,9 +99,14 @@ def round_dims(orig: ModelDims, dims: ModelDims, n: int) -> ModelDims:
 
 def ratios_for_dims(orig: ModelDims, dims: ModelDims) -> Dict:
     """The ratios dict that makes prune() produce exactly `dims` from a model of widths `orig`."""
-    spec = {'blocks': [{'qk': (o.qk - b.qk) / o.qk, 'v': (o.v - b.v) / o.v, 'mlp': (o.mlp - b.mlp) / o.mlp}
+    kept = lambda b, o: b if b.heads else o  # noqa: E731 -- a dropped attention is listed in drop_attn
+    spec = {'blocks': [{'qk': (o.qk - kept(b, o).qk) / o.qk, 'v': (o.v - kept(b, o).v) / o.v,
+                        'mlp': (o.mlp - b.mlp) / o.mlp if b.mlp else 0.0,
+                        'heads': (o.heads - kept(b, o).heads) / o.heads}
                        for b, o in zip(dims.blocks, orig.blocks)],
-            'embed': (orig.embed - dims.embed) / orig.embed}
+            'embed': (orig.embed - dims.embed) / orig.embed,
+            'drop_attn': [i for i, b in enumerate(dims.blocks) if b.heads == 0],
+            'drop_mlp': [i for i, b in enumerate(dims.blocks) if b.mlp == 0]}
     check = target_dims(orig, resolve_ratios(spec, len(orig.blocks)), [])
     if check != dims:  # pragma: no cover - guards the rounding arithmetic of target_dims
         raise RuntimeError(f'internal error: ratios {spec} give {check} instead of {dims}')
@@ -145,8 +154,12 @@ class Allocation:
 
 
 def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: int = 1, tol: float = 0.02,
-             input_size=None, iters: int = 30) -> Allocation:
-    """Find s so that the model pruned with profile_ratios(s) has `target` MACs/params (within tol)."""
+             input_size=None, iters: int = 30, heads: float = 0.0) -> Allocation:
+    """Find s so that the model pruned with profile_ratios(s, heads=heads) has `target` MACs/params (within tol).
+
+    heads: fraction of whole heads removed from every block before the rule thins the kept heads."""
+    if not 0.0 <= heads < 1.0:
+        raise ValueError(f'heads must be a fraction of heads removed in [0, 1), got {heads}')
     if metric not in ('macs', 'params'):
         raise ValueError(f'metric must be "macs" or "params", got {metric!r}')
     if round_to < 1:
@@ -161,7 +174,7 @@ def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: in
     history: List[Tuple[float, int]] = []
 
     def dims_at(s: float) -> ModelDims:
-        d = target_dims(orig, resolve_ratios(profile_ratios(s, depth), depth), [])
+        d = target_dims(orig, resolve_ratios(profile_ratios(s, depth, heads), depth), [])
         return round_dims(orig, d, round_to)
 
     def cost(s: float) -> int:

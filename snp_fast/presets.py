@@ -4,6 +4,11 @@
     deit_small_patch16_224        2.0 GMACs  (2.037)
     deit_small_patch16_224_1p3G   1.3 GMACs  (1.265)
     deit_base_patch16_224         6.4 GMACs  (6.322; SNP alone)
+
+and one of ours (not the authors' numbers, which are not published; derivation in the file's "search"):
+
+    deit_base_patch16_224_snp_head_3p5G   3.5 GMACs (3.503; SNP + Head: half the heads removed, then
+                                          snp_fast.allocate's rule bisected to the target)
 """
 import json
 from importlib import resources

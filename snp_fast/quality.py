@@ -582,6 +582,97 @@ def check_targets(c: dict) -> List[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# head pruning: which head criterion (prune(..., head_criterion=))
+
+HEAD_SETTINGS = {
+    'heads50': ('50 % of the heads of every block removed, nothing else: isolates the head criterion',
+                {'heads': 0.5}),
+    'heads25_snp50': ('25 % of the heads removed, then 50 % of q/k, v and fc1 inside the kept heads',
+                      {'heads': 0.25, 'qk': 0.5, 'v': 0.5, 'mlp': 0.5}),
+}
+
+
+def _random_heads(model: nn.Module, ratios: dict, seed: int) -> Selection:
+    """Random kept heads (all their dims kept): the chance baseline for the heads-only setting."""
+    g = torch.Generator().manual_seed(seed)
+    od, dims = vit.model_dims(model), dims_for(model, ratios)
+    blocks = []
+    for o, b in zip(od.blocks, dims.blocks):
+        heads = torch.randperm(o.heads, generator=g)[:b.heads].sort().values
+        blocks.append(BlockSelection(torch.arange(b.qk).expand(b.heads, b.qk).clone(),
+                                     torch.arange(b.v).expand(b.heads, b.v).clone(), torch.arange(b.mlp), heads))
+    return Selection(torch.arange(od.embed), blocks)
+
+
+@torch.no_grad()
+def _head_quality(ref: 'Reference', pruned: nn.Module, sel: Selection) -> Quality:
+    """Quality of a head-pruned model; the attention error is over the KEPT heads (removed heads have no map)."""
+    logits, attn = _run(pruned, ref.x, ref.batch)
+    err, kl = [], []
+    for i, b in enumerate(sel.blocks):
+        a = ref.attn[i][:, b.head_index()]
+        err.append(rel_fro(a.softmax(-1), attn[i].softmax(-1)))
+        kl.append(float(_kl_from_logits(a, attn[i]).mean()))
+    pred = logits.argmax(-1)
+    return Quality(top1=float((pred == ref.y).float().mean()), agreement=float((pred == ref.logits.argmax(-1)).float().mean()),
+                   logit_kl=logit_kl(ref.logits, logits), attn_err=err, attn_kl=kl, macs=count_macs(pruned))
+
+
+def compare_head_criteria(model: nn.Module, calib: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, *,
+                          seeds: Sequence[int] = (0, 1, 2), log=print) -> dict:
+    """Every head criterion (and random heads, heads-only setting) at equal dims, with and without re-fit."""
+    from .prune import prune
+    from .scores import HEAD_CRITERIA
+    ref = Reference(model, x_te, y_te)
+    out = {'settings': {k: v[0] for k, v in HEAD_SETTINGS.items()}, 'results': {}, 'kept': {}}
+    for key, (_, ratios) in HEAD_SETTINGS.items():
+        res = out['results'][key] = {}
+        for refit in (False, True):
+            tag = ' + re-fit' if refit else ''
+            for crit in HEAD_CRITERIA:
+                pruned, _ = prune(model, calib, ratios=ratios, head_criterion=crit, refit=refit)
+                sel = Selection.from_dict(pruned.snp_recipe['selection'])
+                res[f'{crit}{tag}'] = _head_quality(ref, pruned, sel)
+                out['kept'][(key, crit)] = [b.head_index().tolist() for b in sel.blocks]
+            if set(ratios) == {'heads'}:
+                for s in seeds:
+                    sel = _random_heads(model, ratios, s)
+                    res[f'random (seed {s}){tag}'] = _head_quality(ref, prune_with_selection(model, sel, calib,
+                                                                                              refit=refit), sel)
+            log(f'[heads {key}{tag}] ' + ', '.join(f'{n} {q.top1:.3f}/{q.attn_err_mean:.3f}' for n, q in res.items()))
+    return out
+
+
+def heads_markdown(c: dict) -> str:
+    L = ['## Head pruning: head criteria at equal dims (digits ViT, 4 heads per block)', '',
+         'Written by `python -m snp_fast.quality --heads`. "output" = each head\'s share of attn.proj\'s output '
+         '(‖ctx_h W_hᵀ‖² over the calibration tokens); "snp" = the head\'s attention-score energy (top-γ σ² of '
+         'Q_h K_hᵀ); random = kept heads drawn at random (heads-only setting, mean of 3 seeds). Same dims, '
+         'params and MACs for every row of a table. "attn err" is over the KEPT heads only. 64 calibration '
+         'images, 500 held-out.', '']
+    for key, label in c['settings'].items():
+        res = c['results'][key]
+        L += [f'### {label}', '', '| head criterion | top-1 % | agreement % | attn err (kept heads) | logit KL |',
+              '|---|---|---|---|---|']
+        names = [n for n in res if not n.startswith('random')]
+        rnd = {}
+        for n, q in res.items():
+            if n.startswith('random'):
+                rnd.setdefault(' + re-fit' if 're-fit' in n else '', []).append(q)
+        for tag, qs in rnd.items():
+            names.append(f'random (mean of {len(qs)}){tag}')
+            res = {**res, names[-1]: Quality(statistics.mean(q.top1 for q in qs), statistics.mean(q.agreement for q in qs),
+                                             statistics.mean(q.logit_kl for q in qs),
+                                             [statistics.mean(q.attn_err_mean for q in qs)], [0.0])}
+        for n in sorted(names, key=lambda n: ('re-fit' in n, n)):
+            q = res[n]
+            L.append(f'| {n} | {100 * q.top1:.1f} | {100 * q.agreement:.1f} | {q.attn_err_mean:.3f} | {_f(q.logit_kl)} |')
+        same = sum(a == b for a, b in zip(c['kept'][(key, 'output')], c['kept'][(key, 'snp')]))
+        L += ['', f'Kept heads identical for both criteria in {same} of {len(c["kept"][(key, "output")])} blocks.', '']
+    return '\n'.join(L)
+
+
 HEADER = """# QUALITY — SNP vs baselines at equal MACs, no fine-tuning
 
 Written by `python -m snp_fast.quality` (snp_fast/quality.py); every number below is regenerated by that
@@ -606,6 +697,8 @@ def main(argv=None) -> int:
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--cache', default=None, help='save the raw results here (torch.save), or re-render from it '
                     'if it exists')
+    ap.add_argument('--heads', action='store_true', help='only the head-criterion comparison (markdown to --out or '
+                    'stdout)')
     args = ap.parse_args(argv)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
@@ -617,6 +710,16 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     t0 = time.perf_counter()
+    if args.heads:
+        model, pool, x_te, y_te = _digits()
+        md = heads_markdown(compare_head_criteria(model, pool[:args.calib], x_te, y_te)) + \
+            f'\n_Generated in {time.perf_counter() - t0:.0f} s._\n'
+        if args.out is None:
+            print(md)
+        else:
+            with open(args.out, 'w') as f:
+                f.write(md)
+        return 0
     log = (lambda *a, **k: None) if args.quick and args.out is None else print
     import os
     if args.cache and os.path.exists(args.cache):
