@@ -128,7 +128,7 @@ def test_quick_comparison_runs(tmp_path):
     assert Q.main(['--quick', '--out', str(out), '--threads', '1']) == 0
     md = out.read_text()
     for s in ('## digits ViT', 'L1 magnitude + re-fit', 'L2 magnitude', 'random (seed 0)', 'SNP (default) + re-fit',
-              '### Targets', 'MACs ≈ 0.5'):
+              '### Targets', 'MACs ≈ 0.5', '### After a short KD recovery'):
         assert s in md
     assert 'nan' not in md.lower()
 
