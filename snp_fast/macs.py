@@ -39,6 +39,10 @@ def count_macs(model: nn.Module, input_size: Optional[Tuple[int, int, int]] = No
     """MACs of one forward pass of a single image (C, H, W; default: the model's own input size)."""
     m = model if all(p.is_meta for p in model.parameters()) else meta_copy(model)
     m.eval()
+    # FlopCounterMode's module tracker rejects a grad-requiring input without grad_fn: a no_grad view of a
+    # parameter, as AttentionPoolLatent feeds its latent query to its q Linear
+    if any(p.requires_grad for p in m.parameters()):
+        m = meta_copy(m).requires_grad_(False)
     dtype = next(m.parameters()).dtype
     x = torch.empty(1, *(input_size or _input_size(model)), device='meta', dtype=dtype)
     with FlopCounterMode(display=False) as counter, torch.no_grad():

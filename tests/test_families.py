@@ -1,6 +1,7 @@
 """Model families beyond the plain ViT: timm's Eva family (EVA-02 / DINOv3 / RoPE-ViT / PE: RoPE,
-EvaAttention with split q/k/v biases, separate q/k/v projections, AttentionRope, mixed RoPE) and the
-GluMlp / SwiGLU FFNs, on tiny builds of real timm architectures."""
+EvaAttention with split q/k/v biases, separate q/k/v projections, AttentionRope, mixed RoPE), the
+GluMlp / SwiGLU FFNs, the attention-pooling head (global_pool='map') and VisionTransformerRelPos, on
+tiny builds of real timm architectures."""
 import pytest
 import timm
 import torch
@@ -19,6 +20,10 @@ CASES = {
     'eva_glu': ('vit_small_patch16_dinov3', dict(swiglu_mlp=True), 'fused', 'GluMlp'),
     'rope_mixed_ape': ('vit_small_patch16_rope_mixed_ape_224', dict(scale_attn_inner=True), 'fused', 'Mlp'),
     'vit_glu': ('vit_giant_patch14_dinov2', dict(mlp_ratio=4), 'fused', 'GluMlp'),       # SwiGLUPacked, LayerScale
+    'vit_map': ('vit_base_patch16_siglip_224', {}, 'fused', 'Mlp'),                      # AttentionPoolLatent head
+    'eva_map': ('vit_pe_core_tiny_patch16_384', {}, 'fused', 'Mlp'),                     # PE: RoPE + attention pool
+    'relpos': ('vit_relpos_medium_patch16_cls_224', {}, 'fused', 'Mlp'),                 # per-block rel-pos MLP bias
+    'srelpos': ('vit_srelpos_small_patch16_224', {}, 'fused', 'Mlp'),                    # one shared rel-pos bias
 }
 
 
@@ -76,6 +81,23 @@ def test_pruned_runs_refit_helps_and_round_trips(case, tmp_path):
         assert torch.equal(loaded(held), y)
 
 
+@pytest.mark.parametrize('case', ['vit_map', 'eva_map'])
+def test_attention_pool_reads_the_pruned_stream(case):
+    """The pool keeps its width (so does the classifier after it); kv's input columns follow the stream and
+    its re-fit brings the pooled features (held-out images) closer to the original's."""
+    m = _build(case)
+    calib, held = _images(64, 1), _images(16, 2)
+    pruned, rep = snp_fast.prune(m, calib, RATIOS)
+    plain, _ = snp_fast.prune(m, calib, RATIOS, refit=False)
+    pool = pruned.attn_pool
+    assert pool.kv.in_features == 48 and pool.kv.out_features == m.attn_pool.kv.out_features
+    assert pruned.head.in_features == m.head.in_features and 'attn_pool.kv' in rep.refit
+    pooled = lambda model: model.forward_head(model.forward_features(held), pre_logits=True)  # noqa: E731
+    with torch.no_grad():
+        p0, p, pn = pooled(m), pooled(pruned), pooled(plain)
+    assert (p - p0).pow(2).mean() < 0.8 * (pn - p0).pow(2).mean()
+
+
 def test_value_and_ffn_slices_equal_zeroed_filters():
     """Slice == mask on a RoPE model with separate q/k/v and a SwiGLU without a hidden-width norm: removing
     v filters and FFN neurons by slicing gives the original's output with those filters zeroed (embed
@@ -99,6 +121,35 @@ def test_value_and_ffn_slices_equal_zeroed_filters():
                 lin.bias[drop] = 0
         assert pruned.blocks[0].mlp.fc1_x.out_features == blk.mlp.fc1_x.out_features // 2
         torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('case', ['relpos', 'srelpos'])
+def test_relpos_slices_equal_zeroed_filters(case):
+    """Relative-position models prune q/k too (the bias does not depend on q/k dims): slicing q/k pairs, v
+    filters and fc1 neurons gives the original's output with them zeroed (original softmax scale kept)."""
+    m, masked = _build(case), _build(case)
+    x = _images(4, 1)
+    pruned, _ = snp_fast.prune(m, x, {'qk': .5, 'v': .5, 'mlp': .5, 'embed': 0}, refit=False)
+    assert pruned.blocks[0].attn.qk_dim == m.blocks[0].attn.head_dim // 2
+    with torch.no_grad():
+        for blk, bs in zip(masked.blocks, pruned.snp_recipe['selection']['blocks']):
+            n, d = blk.attn.num_heads * blk.attn.head_dim, blk.attn.head_dim
+            q = vit._head_rows(torch.tensor(bs['qk']), d)
+            keep = torch.zeros(3 * n, dtype=torch.bool)
+            keep[torch.cat([q, q + n, vit._head_rows(torch.tensor(bs['v']), d, 2 * n)])] = True
+            m_keep = torch.zeros(blk.mlp.fc1.out_features, dtype=torch.bool)
+            m_keep[torch.tensor(bs['mlp'])] = True
+            for lin, kept in ((blk.attn.qkv, keep), (blk.mlp.fc1, m_keep)):
+                lin.weight[~kept] = 0
+                if lin.bias is not None:
+                    lin.bias[~kept] = 0
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_post_norm_relpos_blocks_are_refused():
+    m = timm.create_model('vit_relpos_base_patch16_rpn_224', **SMALL)
+    with pytest.raises(snp_fast.UnsupportedModelError, match='ResPostRelPosBlock'):
+        snp_fast.prune(m, _images(2, 1), RATIOS)
 
 
 def test_rope_models_refuse_qk_pruning():

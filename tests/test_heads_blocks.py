@@ -277,3 +277,20 @@ def test_deit_base_snp_head_preset_is_what_its_search_gives():
     from snp_fast.allocate import allocate
     model, dims = _deit_base_dims('deit_base_patch16_224_snp_head_3p5G')
     assert allocate(model, 3.5e9, heads=0.5).dims == dims
+
+
+def test_branch_scores_and_mlp_dropping_work_for_the_eva_family():
+    """Eva blocks hand RoPE tables to their attention and name their LayerScale gamma_1/gamma_2: the branch
+    scores go through the same block arguments; dropping an MLP works, dropping a RoPE attention is refused."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_patch16_dinov3_qkvb', pretrained=False, depth=3, img_size=32, patch_size=8,
+                              embed_dim=64, num_heads=4, num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    attn, mlp = branch_scores(model, x)
+    assert torch.isfinite(attn).all() and torch.isfinite(mlp).all()
+    pruned, _ = snp_fast.prune(model, x, ratios={'drop_mlp': 1})
+    assert pruned.snp_recipe['settings']['ratios']['drop_mlp'] == [int(mlp.argmin())]
+    with torch.no_grad():
+        assert torch.isfinite(pruned(x)).all()
+    with pytest.raises(ValueError, match='RoPE attention'):
+        snp_fast.prune(model, x, ratios={'drop_attn': [0]})

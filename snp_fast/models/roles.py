@@ -11,11 +11,13 @@ a residual-stream channel. What changes between timm layers is only where their 
           GluMlp        neuron i = rows i and h + i of fc1 (the two halves are multiplied)
           SwiGLU        neuron i = row i of fc1_g and of fc1_x
   scales  ls1/ls2.gamma (timm Block LayerScale) or gamma_1/gamma_2 (EvaBlock)
+  pool    attn_pool (global_pool='map', AttentionPoolLatent) reads the stream through kv's input columns
 
 `PrunedRopeAttention` is the pruned form of timm's rotary-embedding attentions (EvaAttention,
 AttentionRope): their parameter layout, their RoPE, the original softmax scale, and a value width
 that may differ from the q/k width.
 """
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 __all__ = ['qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden', 'mlp_fc1_rows',
            'mlp_in_weight', 'mlp_plan', 'resize_mlp', 'branch_scale', 'scale_names', 'check_mlp',
-           'PrunedRopeAttention']
+           'PrunedRopeAttention', 'pool_plan', 'pruned_attention_pool']
 
 Plan = Dict[str, List[Tuple[int, torch.Tensor]]]
 
@@ -259,3 +261,54 @@ class PrunedRopeAttention(nn.Module):
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# attention-pooling head (global_pool='map')
+
+def pool_plan(plan: Plan, prefix: str, pool: nn.Module, embed: torch.Tensor) -> None:
+    """The pool reads the residual stream through kv (and its optional pos_embed): those input columns
+    go with the stream; its latent query, internal width, proj, norm and MLP keep their size, so the
+    classifier after it is not sliced."""
+    plan[f'{prefix}.kv.weight'] = [(1, embed)]
+    if getattr(pool, 'pos_embed', None) is not None:
+        plan[f'{prefix}.pos_embed'] = [(1, embed)]
+
+
+def pruned_attention_pool(pool: nn.Module, dim: int, new_linear) -> nn.Module:
+    """Turn timm's AttentionPoolLatent (on the meta device) into one that reads a `dim`-wide stream.
+
+    Only kv's input (and pos_embed) narrow. timm's forward reshapes the attention output to the INPUT
+    width, which no longer equals the pool's internal width, so the module's class becomes
+    PrunedAttentionPoolLatent: a subclass with the same parameters and attributes whose forward reshapes
+    to num_heads * head_dim instead.
+    """
+    pool.kv = new_linear(pool.kv, dim, pool.kv.out_features)
+    if getattr(pool, 'pos_embed', None) is not None:
+        pe = pool.pos_embed
+        pool.pos_embed = nn.Parameter(torch.empty(pe.shape[0], dim, device='meta', dtype=pe.dtype),
+                                      requires_grad=pe.requires_grad)
+    pool.__class__ = _pruned_pool_class()
+    return pool
+
+
+@functools.lru_cache(maxsize=None)
+def _pruned_pool_class() -> type:
+    from timm.layers import AttentionPoolLatent
+
+    class PrunedAttentionPoolLatent(AttentionPoolLatent):
+        def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+            B, N, _ = x.shape
+            if self.pos_embed is not None:
+                x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+            H, d, L = self.num_heads, self.head_dim, self.latent_len
+            q = self.q(self.latent.expand(B, -1, -1)).reshape(B, L, H, d).transpose(1, 2)
+            k, v = self.kv(x).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+            x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, H * d)))
+            if self.mlp is not None:
+                x = x + self.mlp(self.norm(x))
+            return x[:, 0] if self.pool == 'token' else x.mean(1) if self.pool == 'avg' else x
+
+    return PrunedAttentionPoolLatent

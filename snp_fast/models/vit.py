@@ -11,8 +11,6 @@ Note: with timm's scale_attn_norm / scale_mlp_norm (a LayerNorm over the value o
 removing v or fc1 filters changes that norm's statistics, so such models have no exact masked twin
 (like embedding pruning); the re-fit compensates.
 """
-import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -27,9 +25,10 @@ __all__ = ['BlockDims', 'ModelDims', 'BlockSelection', 'Selection', 'PrunedAtten
            'UnsupportedModelError']
 
 SUPPORTED = ('timm VisionTransformer / VisionTransformerDistilled built from the standard Block and Attention '
-             'layers (vit_*, deit_*, deit3_*, *_distilled, register-token and class_token=False variants), and '
+             'layers (vit_*, deit_*, deit3_*, *_distilled, register-token and class_token=False variants), '
+             'VisionTransformerRelPos with pre-norm RelPosBlock (vit_relpos_*, vit_srelpos_*), '
              'timm Eva (EvaBlock with EvaAttention / AttentionRope: EVA-02, DINOv3, RoPE-ViT, PE; q/k kept whole), '
-             'with Mlp, GluMlp or SwiGLU FFNs')
+             'with Mlp, GluMlp or SwiGLU FFNs and a token, average or attention-pooling ("map") head')
 
 Slice = Tuple[int, torch.Tensor]
 Plan = Dict[str, List[Slice]]
@@ -62,13 +61,9 @@ class ModelDims:
 
 @dataclass
 class BlockSelection:
-    qk: torch.Tensor   # (kept heads, kept q/k dims per head), int64, sorted per head; dims index within a head
-    v: torch.Tensor    # (kept heads, kept v dims per head)
-    mlp: torch.Tensor  # (kept fc1 neurons,); empty = the MLP branch is dropped
-    heads: Optional[torch.Tensor] = None  # kept ORIGINAL head indices, sorted; None = all heads; empty = attn dropped
-
-    def head_index(self) -> torch.Tensor:
-        return torch.arange(self.qk.shape[0]) if self.heads is None else self.heads
+    qk: torch.Tensor   # (H, kept q/k dims per head), int64, sorted per head
+    v: torch.Tensor    # (H, kept v dims per head)
+    mlp: torch.Tensor  # (kept fc1 neurons,)
 
 
 @dataclass
@@ -82,28 +77,12 @@ class Selection:
 
     def to_dict(self) -> dict:
         return {'embed': self.embed.tolist(),
-                'blocks': [{'heads': b.head_index().tolist(), 'qk': b.qk.tolist(), 'v': b.v.tolist(),
-                            'mlp': b.mlp.tolist()} for b in self.blocks]}
+                'blocks': [{'qk': b.qk.tolist(), 'v': b.v.tolist(), 'mlp': b.mlp.tolist()} for b in self.blocks]}
 
     @classmethod
     def from_dict(cls, d: dict) -> 'Selection':
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        blocks = []
-        for b in d['blocks']:
-            heads = t(b['heads']) if 'heads' in b else None  # recipes before head pruning: all heads
-            n = len(b['qk'])
-            # a dropped attention has (0, 0) selections, which JSON stores as []
-            per_head = lambda x: t(x).reshape(n, -1) if n else torch.zeros(0, 0, dtype=torch.long)  # noqa: E731
-            blocks.append(BlockSelection(per_head(b['qk']), per_head(b['v']), t(b['mlp']), heads))
-        return cls(t(d['embed']), blocks)
-
-
-@contextmanager
-def _quiet_zero_init():
-    """Zero-width layers (a dropped branch) are legal; torch's init warns that initialising them is a no-op."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='Initializing zero-element tensors is a no-op')
-        yield
+        return cls(t(d['embed']), [BlockSelection(t(b['qk']), t(b['v']), t(b['mlp'])) for b in d['blocks']])
 
 
 class PrunedAttention(nn.Module):
@@ -125,14 +104,13 @@ class PrunedAttention(nn.Module):
         self.v_dim = v_dim
         self.head_dim = qk_dim  # timm tools read attn.head_dim
         self.scale = scale
-        with _quiet_zero_init():  # num_heads = 0 (attention dropped): zero-width qkv, gate and proj
-            self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias, **dd)
-            self.gate = nn.Linear(dim, num_heads * v_dim, bias=gate_bias, **dd) if gate_bias is not None else None
-            self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias, **dd)
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias, **dd)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm if norm is not None else nn.Identity()
+        self.gate = nn.Linear(dim, num_heads * v_dim, bias=gate_bias, **dd) if gate_bias is not None else None
+        self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -145,8 +123,6 @@ class PrunedAttention(nn.Module):
             raise TypeError(f'PrunedAttention got keyword arguments it cannot honour: {sorted(unknown)}')
         B, N, _ = x.shape
         H, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
-        if H == 0:  # dropped branch: the zero-width limit, whose output is proj's bias (a constant)
-            return self.proj_drop(self.proj(x.new_zeros(B, N, 0)))
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).split([H * dqk, H * dqk, H * dv], dim=-1)
         q = self.q_norm(q.view(B, N, H, dqk).transpose(1, 2))
@@ -160,6 +136,20 @@ class PrunedAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class PrunedRelPosAttention(PrunedAttention):
+    """PrunedAttention plus timm RelPosAttention's relative-position bias on the attention logits (its own
+    rel_pos module, or the model's shared one passed as shared_rel_pos). The bias depends on neither the
+    q/k nor the v dims, so it is kept as is."""
+
+    def __init__(self, *args, rel_pos: Optional[nn.Module] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rel_pos = rel_pos
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        return super().forward(x, attn_mask=bias)
+
+
 # ------------------------------------------------------------------------------------------------
 # structure checks and dims
 
@@ -168,6 +158,11 @@ def _timm_classes():
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
     return VisionTransformer, Block, Attention, Mlp
+
+
+def _relpos_classes():
+    from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, VisionTransformerRelPos
+    return VisionTransformerRelPos, RelPosBlock, RelPosAttention
 
 
 def _eva_classes():
@@ -185,17 +180,20 @@ def check_supported(model: nn.Module, allow_pruned: bool = False) -> None:
     """Raise UnsupportedModelError naming what is supported unless `model` is a plain timm ViT or Eva."""
     VisionTransformer, Block, Attention, Mlp = _timm_classes()
     Eva, EvaBlock, rope_attns = _eva_classes()
-    eva = isinstance(model, Eva)
-    if not (eva or isinstance(model, VisionTransformer)):
+    RelPos, RelPosBlock, RelPosAttention = _relpos_classes()
+    eva, relpos = isinstance(model, Eva), isinstance(model, RelPos)
+    if not (eva or relpos or isinstance(model, VisionTransformer)):
         raise UnsupportedModelError(f'{type(model).__name__} is not supported; snp_fast prunes {SUPPORTED}')
-    if getattr(model, 'attn_pool', None) is not None:
-        raise UnsupportedModelError(f'global_pool={model.global_pool!r} (attention pooling head) is not supported; '
-                                    f'snp_fast prunes {SUPPORTED}')
+    pool = getattr(model, 'attn_pool', None)
+    pools = ('AttentionPoolLatent', 'PrunedAttentionPoolLatent') if allow_pruned else ('AttentionPoolLatent',)
+    if pool is not None and type(pool).__name__ not in pools:
+        raise UnsupportedModelError(f'global_pool={model.global_pool!r} ({type(pool).__name__} head) is not supported; '
+                                    f'snp_fast prunes {SUPPORTED} (global_pool="map": AttentionPoolLatent)')
     if not isinstance(getattr(model.patch_embed, 'proj', None), nn.Conv2d):
         raise UnsupportedModelError(f'patch embedding {type(model.patch_embed).__name__} without a Conv2d proj '
                                     'is not supported')
     block_type, attn_types, pruned_type = (EvaBlock, rope_attns, roles.PrunedRopeAttention) if eva else \
-        (Block, (Attention,), PrunedAttention)
+        (RelPosBlock, (RelPosAttention,), PrunedRelPosAttention) if relpos else (Block, (Attention,), PrunedAttention)
     attn_types = attn_types + (pruned_type,) if allow_pruned else attn_types
     for i, blk in enumerate(model.blocks):
         if type(blk) is not block_type:
@@ -213,7 +211,7 @@ def check_supported(model: nn.Module, allow_pruned: bool = False) -> None:
 
 
 def _attn_dims(attn: nn.Module) -> Tuple[int, int, int]:
-    if isinstance(attn, (PrunedAttention, roles.PrunedRopeAttention)):
+    if isinstance(attn, (PrunedAttention, roles.PrunedRopeAttention)):  # (PrunedRelPosAttention included)
         return attn.num_heads, attn.qk_dim, attn.v_dim
     return attn.num_heads, attn.head_dim, attn.head_dim
 
@@ -247,14 +245,10 @@ def fixed_qk_reason(model: nn.Module) -> str:
 # ------------------------------------------------------------------------------------------------
 # slicing plan: {parameter name: [(dim, kept index)]}
 
-def _head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0, heads: Optional[torch.Tensor] = None
-               ) -> torch.Tensor:
-    """(kept heads, kept) per-head indices -> flat row indices into a head-major (H*head_dim) axis.
-
-    `heads`: the original index of each row of `sel` (None: rows are heads 0..H-1)."""
-    if heads is None:
-        heads = torch.arange(sel.shape[0], dtype=torch.long)
-    return (heads.long().unsqueeze(1) * head_dim + sel + offset).flatten()
+def _head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """(H, kept) per-head indices -> flat row indices into a head-major (H*head_dim) axis."""
+    heads = torch.arange(sel.shape[0], dtype=torch.long).unsqueeze(1)
+    return (heads * head_dim + sel + offset).flatten()
 
 
 def _norm_plan(plan: Plan, prefix: str, module: nn.Module, idx: torch.Tensor) -> None:
@@ -283,11 +277,15 @@ def stem_and_head_plan(model: nn.Module, embed: torch.Tensor) -> Plan:
     for tok in ('cls_token', 'reg_token', 'dist_token', 'pos_embed'):
         if getattr(model, tok, None) is not None:
             plan[tok] = [(2, embed)]
-    for name in ('norm_pre', 'norm', 'fc_norm'):
+    # an attention-pooling head reads the stream through its kv; fc_norm and the classifier read its output
+    pool = getattr(model, 'attn_pool', None)
+    if pool is not None:
+        roles.pool_plan(plan, 'attn_pool', pool, embed)
+    for name in ('norm_pre', 'norm') + (('fc_norm',) if pool is None else ()):
         mod = getattr(model, name, None)
         if mod is not None and not isinstance(mod, nn.Identity):
             _norm_plan(plan, name, mod, embed)
-    for name in ('head', 'head_dist'):
+    for name in ('head', 'head_dist') if pool is None else ():
         mod = getattr(model, name, None)
         if isinstance(mod, nn.Linear):
             _linear_plan(plan, name, mod, None, embed)
@@ -303,14 +301,14 @@ def block_plan(model: nn.Module, i: int, sel: BlockSelection, embed: torch.Tenso
         raise UnsupportedModelError(f'blocks.{i}.attn is already pruned; re-pruning is not supported')
     d = d_qk
     p = f'blocks.{i}'
-    q_rows = _head_rows(sel.qk, d, heads=sel.heads)
-    v_cols = _head_rows(sel.v, d, heads=sel.heads)
+    q_rows = _head_rows(sel.qk, d)
+    v_cols = _head_rows(sel.v, d)
     qkv_rows = torch.cat([q_rows, q_rows + h * d, v_cols + 2 * h * d])
     plan: Plan = {}
     _norm_plan(plan, f'{p}.norm1', blk.norm1, embed)
     _norm_plan(plan, f'{p}.norm2', blk.norm2, embed)
     roles.qkv_plan(plan, f'{p}.attn', attn, q_rows, v_cols, embed)
-    if not isinstance(attn.norm, nn.Identity):
+    if not isinstance(getattr(attn, 'norm', nn.Identity()), nn.Identity):
         _norm_plan(plan, f'{p}.attn.norm', attn.norm, v_cols)
     if getattr(attn, 'gate', None) is not None:
         _linear_plan(plan, f'{p}.attn.gate', attn.gate, v_cols, embed)
@@ -341,8 +339,7 @@ def _resize_norm(mod: nn.Module, n: int) -> None:
 
 
 def _new_linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
-    with _quiet_zero_init():  # fc1/fc2 of a dropped MLP branch have zero width
-        return nn.Linear(in_f, out_f, bias=old.bias is not None, device='meta', dtype=old.weight.dtype)
+    return nn.Linear(in_f, out_f, bias=old.bias is not None, device='meta', dtype=old.weight.dtype)
 
 
 def _new_param(old: torch.Tensor, shape) -> nn.Parameter:
@@ -369,36 +366,32 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
         t = getattr(model, tok, None)
         if t is not None:
             setattr(model, tok, _new_param(t, (*t.shape[:2], D)))
-    for name in ('norm_pre', 'norm', 'fc_norm'):
+    pool = getattr(model, 'attn_pool', None)
+    if pool is not None:
+        roles.pruned_attention_pool(pool, D, _new_linear)
+    for name in ('norm_pre', 'norm') + (('fc_norm',) if pool is None else ()):
         mod = getattr(model, name, None)
         if mod is not None and not isinstance(mod, nn.Identity):
             _resize_norm(mod, D)
-    for name in ('head', 'head_dist'):
+    for name in ('head', 'head_dist') if pool is None else ():
         mod = getattr(model, name, None)
         if isinstance(mod, nn.Linear):
             setattr(model, name, _new_linear(mod, D, mod.out_features))
     for i, (blk, bd, od) in enumerate(zip(model.blocks, dims.blocks, orig.blocks)):
-        # heads = 0 (then qk = v = 0) drops the attention branch, mlp = 0 the MLP branch: the zero-width limit
-        if not 0 <= bd.heads <= od.heads:
-            raise ValueError(f'blocks.{i}: {bd.heads} heads outside [0, {od.heads}]')
-        lo = 1 if bd.heads else 0
-        for lim, val, what in ((od.qk, bd.qk, 'qk'), (od.v, bd.v, 'v')):
-            if not lo <= val <= (lim if bd.heads else 0):
-                raise ValueError(f'blocks.{i}: {what} width {val} outside [{lo}, {lim if bd.heads else 0}] '
-                                 f'with {bd.heads} heads')
-        if not 0 <= bd.mlp <= od.mlp:
-            raise ValueError(f'blocks.{i}: mlp width {bd.mlp} outside [0, {od.mlp}]')
-        if bd.mlp == 0 and not isinstance(blk.mlp.norm, nn.Identity):
-            raise ValueError(f'blocks.{i}: the MLP branch of a model with scale_mlp_norm cannot be dropped')
+        if bd.heads != od.heads:
+            raise ValueError(f'blocks.{i}: head pruning is not supported by this adapter ({od.heads} -> {bd.heads})')
+        for lim, val, what in ((od.qk, bd.qk, 'qk'), (od.v, bd.v, 'v'), (od.mlp, bd.mlp, 'mlp')):
+            if not 1 <= val <= lim:
+                raise ValueError(f'blocks.{i}: {what} width {val} outside [1, {lim}]')
         _resize_norm(blk.norm1, D)
         _resize_norm(blk.norm2, D)
         a = blk.attn
         q_norm = a.q_norm if not isinstance(a.q_norm, nn.Identity) else None
         k_norm = a.k_norm if not isinstance(a.k_norm, nn.Identity) else None
-        if (q_norm is not None or k_norm is not None) and bd.heads and bd.qk != od.qk:
+        if (q_norm is not None or k_norm is not None) and bd.qk != od.qk:
             raise ValueError(f'blocks.{i}: q/k pruning of a model with qk_norm is not supported')
         norm = None
-        if not isinstance(a.norm, nn.Identity):
+        if not isinstance(getattr(a, 'norm', nn.Identity()), nn.Identity):
             norm = a.norm
             _resize_norm(norm, bd.heads * bd.v)
         gate = getattr(a, 'gate', None)
@@ -413,10 +406,13 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
                 gate_bias=gate_bias, attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p, device='meta',
                 dtype=a.proj.weight.dtype)
         else:
-            blk.attn = PrunedAttention(
+            relpos = {'rel_pos': a.rel_pos} if hasattr(a, 'rel_pos') else {}
+            if relpos and bd.heads != od.heads:
+                raise ValueError(f'blocks.{i}: head pruning of a relative-position attention is not supported')
+            blk.attn = (PrunedRelPosAttention if relpos else PrunedAttention)(
                 D, bd.heads, bd.qk, bd.v, scale=float(a.scale), qkv_bias=a.qkv.bias is not None,
                 proj_bias=a.proj.bias is not None, q_norm=q_norm, k_norm=k_norm, norm=norm, gate_bias=gate_bias,
-                attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p, device='meta', dtype=a.qkv.weight.dtype)
+                attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p, device='meta', dtype=a.qkv.weight.dtype, **relpos)
         for ls in ('ls1', 'ls2'):
             mod = getattr(blk, ls, None)
             if hasattr(mod, 'gamma'):
@@ -426,7 +422,7 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
                 setattr(blk, g, _new_param(getattr(blk, g), (D,)))
         roles.resize_mlp(blk.mlp, D, bd.mlp, _new_linear, _resize_norm)
     model.embed_dim = model.num_features = D
-    if hasattr(model, 'head_hidden_size'):
+    if hasattr(model, 'head_hidden_size') and pool is None:  # an attention pool keeps its output width
         model.head_hidden_size = D
     for fi in getattr(model, 'feature_info', []) or []:
         if isinstance(fi, dict) and 'num_chs' in fi:
