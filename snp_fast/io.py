@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 
 from .models import vit
-from .models.vit import ModelDims
 
 __all__ = ['save_pruned', 'load_pruned', 'infer_timm_config', 'RecipeError']
 
@@ -62,6 +61,14 @@ def infer_timm_config(model: nn.Module, overrides: Optional[dict] = None) -> Tup
     return name, kwargs, ''
 
 
+def _adapter(recipe: dict):
+    """The model-family module (models.vit or models.efficientformer) that rebuilds this recipe's architecture."""
+    if recipe.get('family') == 'efficientformer':
+        from .models import efficientformer
+        return efficientformer
+    return vit
+
+
 def _build_skeleton(recipe: dict) -> nn.Module:
     import timm
     name, kwargs = recipe.get('timm_name'), recipe.get('timm_kwargs') or {}
@@ -72,7 +79,7 @@ def _build_skeleton(recipe: dict) -> nn.Module:
         model = timm.create_model(name, pretrained=False, device='meta', **kwargs)
     except Exception as e:  # noqa: BLE001 -- any timm failure means the recipe does not describe a model
         raise RecipeError(f'timm could not build {name!r} with {kwargs}: {e}') from e
-    vit.check_supported(model)
+    _adapter(recipe).check_supported(model)
     return model
 
 
@@ -160,15 +167,16 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
         raise RecipeError(f'{wpath} not found')
     model = _build_skeleton(recipe)
     try:
-        before, after = ModelDims.from_dict(recipe['dims_before']), ModelDims.from_dict(recipe['dims_after'])
+        dims = _adapter(recipe).ModelDims
+        before, after = dims.from_dict(recipe['dims_before']), dims.from_dict(recipe['dims_after'])
     except (KeyError, TypeError, ValueError) as e:
         raise RecipeError(f'{directory}/{RECIPE}: malformed dims: {e}') from e
-    built = vit.model_dims(model)
+    built = _adapter(recipe).model_dims(model)
     if built != before:
         raise RecipeError(f'{directory}/{RECIPE}: timm built {recipe["timm_name"]} with widths {built.to_dict()} '
                           f'but the recipe was pruned from {before.to_dict()}')
     try:
-        vit.apply_dims(model, after)
+        _adapter(recipe).apply_dims(model, after)
     except ValueError as e:
         raise RecipeError(f'{directory}/{RECIPE}: {e}') from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -185,6 +185,9 @@ def _candidates(name: str, depth: int, min_img: int, extra: Optional[dict] = Non
         kw = dict(base, img_size=math.ceil(min_img / stride) * stride)
         cands.append((kw, meta(kw)))
     cands += [(base, first), ({}, meta({}))]
+    if name.startswith('efficientformer_'):  # V1 takes per-stage `depths`: one block per stage, `depth` in the last
+        kw = {'depths': [1, 1, 1, depth]}
+        cands.insert(0, (kw, meta(kw)))
     return cands
 
 
@@ -217,7 +220,7 @@ def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: 
             errors.append(f'{kw}: {_n_params(meta) / 1e9:.2f}B parameters, over the {MAX_BUILD_PARAMS / 1e6:.0f}M '
                           'build limit')
             continue
-        if meta is not None and 'depth' not in kw:
+        if meta is not None and 'depth' not in kw and 'depths' not in kw:
             _refuse_on_meta(meta, ratios)  # a full-depth build is only worth its minutes if snp_fast would prune it
         try:
             torch.manual_seed(seed)

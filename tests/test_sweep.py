@@ -23,7 +23,8 @@ SUBSET = {
     'vit_medium_patch16_reg4_gap_256': 'ok',        # 4 register tokens, no cls token, avg pool, fc_norm
     'vit_base_patch16_clip_224': 'ok',              # pre-norm (norm_pre), CLIP
     'vit_so150m_patch16_reg4_map_256': 'refused',   # attention-pool ('map') head
-    'efficientformer_l1': 'refused',                # another family
+    'efficientformer_l1': 'ok',                     # another family: Meta4D stages, then attention blocks
+    'efficientformerv2_s0': 'refused',              # a different architecture
     'vit_small_patch16_rope_224': 'refused',        # Eva / rope blocks
     'vit_base_patch14_dinov2': 'ok',                # no head (num_classes=0), LayerScale, patch 14
     'vit_5b_patch16_sapiens2': 'refused',           # rejects depth=2: refused on its meta-device build
@@ -41,7 +42,7 @@ def test_subset(name):
     assert r.status == SUBSET[name], f'{name}: {r.status} {r.detail}'
     if r.status == 'ok':
         assert r.params_after < r.params_before and r.macs_after < r.macs_before
-        assert r.build_kwargs.get('depth') == 2
+        assert r.build_kwargs.get('depth', r.build_kwargs.get('depths', [0])[-1]) == 2
         assert r.phase == 'done'
         assert (sweep.WIDTH_NOTE in r.detail) == (name == 'vit_base_patch14_dinov2')
     else:
@@ -106,12 +107,12 @@ def test_markdown_summary():
 def test_command_isolated(tmp_path):
     """The command as the full sweep runs it: a worker process, markdown written."""
     out = tmp_path / 'cov.md'
-    rc = sweep.main(['--model', 'deit_tiny_patch16_224', '--model', 'efficientformer_l1', '--out', str(out),
+    rc = sweep.main(['--model', 'deit_tiny_patch16_224', '--model', 'efficientformerv2_s0', '--out', str(out),
                      '--timeout', '60'])
     assert rc == 0
     md = out.read_text()
     assert '**1 / 2 pruned and running (50.0%)**' in md
-    assert '| `deit_tiny_patch16_224` | ok |' in md and 'EfficientFormer is not supported' in md
+    assert '| `deit_tiny_patch16_224` | ok |' in md and 'EfficientFormerV2 (efficientformerv2_*) is not supported' in md
 
 
 @pytest.mark.slow
