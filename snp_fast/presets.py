@@ -9,6 +9,12 @@ and one of ours (not the authors' numbers, which are not published; derivation i
 
     deit_base_patch16_224_snp_head_3p5G   3.5 GMACs (3.503; SNP + Head: half the heads removed, then
                                           snp_fast.allocate's rule bisected to the target)
+
+and for EfficientFormer (uniform ratios in the {'qk', 'v', 'mlp', 'embed'} form, 'family': 'efficientformer';
+models/efficientformer.resolve_ratios reads them):
+
+    efficientformer_l1_0p6G       0.6 GMACs  (0.599; ratio 0.325)
+    efficientformer_l1_0p5G       0.5 GMACs  (0.497; ratio 0.3875)
 """
 import json
 from importlib import resources
