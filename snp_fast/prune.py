@@ -28,12 +28,12 @@ from . import __version__, ops
 from .macs import count_macs, count_params, meta_copy
 from .models import roles, vit
 from .models.vit import BlockSelection, ModelDims, Selection
-from .ratios import resolve_ratios, target_dims
+from .ratios import DROP_KEYS, resolve_ratios, target_dims
 from .refit import DEFAULT_DAMP, LinearFit, RefitStats
-from .scores import (EMBED_CRITERIA, QK_CRITERIA, ROW_CRITERIA, check_criterion, qk_magnitude, row_scores,
-                     select_per_head, select_top, tss_average)
+from .scores import (EMBED_CRITERIA, HEAD_CRITERIA, QK_CRITERIA, ROW_CRITERIA, check_criterion, head_energy,
+                     head_output, qk_magnitude, row_scores, select_per_head, select_top, tss_average)
 
-__all__ = ['prune', 'PruneReport', 'RECIPE_FORMAT']
+__all__ = ['prune', 'PruneReport', 'RECIPE_FORMAT', 'branch_scores']
 
 RECIPE_FORMAT = 'snp_fast.recipe/1'
 PHASES = ('calibration', 'qk_scoring', 'selection', 'slicing', 'refit', 'rebuild')
@@ -66,9 +66,10 @@ class PruneReport:
                  f'({self.params_after / self.params_before:.1%}),  '
                  f'MACs {self.macs_before / 1e9:.3f}G -> {self.macs_after / 1e9:.3f}G '
                  f'({self.macs_after / self.macs_before:.1%}),  embed {b.embed} -> {a.embed}',
-                 f'{"block":>5} {"heads":>5} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
-        for i, (x, y) in enumerate(zip(b.blocks, a.blocks)):
-            lines.append(f'{i:>5} {y.heads:>5} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} {x.mlp:>4} -> {y.mlp:<5}')
+                 f'{"block":>5} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
+        for i, (x, y) in enumerate(zip(b.blocks, a.blocks)):  # 0 heads / 0 fc1: the branch is dropped
+            lines.append(f'{i:>5} {x.heads:>2} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} '
+                         f'{x.mlp:>4} -> {y.mlp:<5}')
         total = sum(self.times.values())
         lines.append('time: ' + ', '.join(f'{k} {v:.2f}s' for k, v in self.times.items() if v > 0)
                      + f'; total {total:.2f}s')
@@ -242,6 +243,7 @@ def prune(
         v_criterion: str = 'redundancy',
         mlp_criterion: str = 'redundancy',
         embed_criterion: str = 'redundancy',
+        head_criterion: str = 'snp',
         gamma: Optional[int] = None,
         refit: bool = True,
         damp: float = DEFAULT_DAMP,
@@ -260,13 +262,19 @@ def prune(
         calib: calibration images (B, C, H, W), preprocessed as for the model. Needed for the "snp"
             Q/K criterion, "activation" criteria and the re-fit; 16-64 images are typical.
         ratios: fraction of dims REMOVED: a float (q/k, v, fc1 and embedding alike), a dict
-            {'qk', 'v', 'mlp', 'embed'} for every block, {'blocks': [...], 'embed'} per block, or a
-            preset name (see snp_fast.list_presets()).
+            {'qk', 'v', 'mlp', 'heads', 'embed'} for every block, {'blocks': [...], 'embed'} per block, or a
+            preset name (see snp_fast.list_presets()). 'heads' removes whole heads (then SNP inside the
+            kept ones); 'drop_attn' / 'drop_mlp' (block indices, or a count chosen by branch_scores)
+            remove whole attention / MLP branches (see snp_fast.ratios).
         preset: a preset name (alternative to `ratios`).
         qk_criterion: "snp" (attention-score preservation) or "magnitude".
         v_criterion, mlp_criterion: "redundancy" (the paper's), "magnitude" or "activation".
         embed_criterion: "redundancy" (TSS-averaged over the stream's producers), "magnitude" or
             "activation".
+        head_criterion: which heads to keep when 'heads' > 0: "snp" (the default: the head's attention-score
+            energy, the top-γ singular values² of Q_h K_hᵀ; top-1 ≥ "output" in all four settings of
+            QUALITY.md's head table) or "output" (each head's share of attn.proj's output on the calibration
+            tokens).
         gamma: singular components preserved by the "snp" criterion (default: the q/k dims each head
             keeps in that block).
         refit: re-fit every pruned Linear to the original outputs by least squares (needs calib).
@@ -277,22 +285,19 @@ def prune(
         timm_name, timm_kwargs: how to rebuild the unpruned architecture with timm.create_model, for
             save_pruned/load_pruned (default: inferred from the model).
     """
-    args = dict(locals())  # first statement: exactly prune()'s arguments
     if (ratios is None) == (preset is None):
         raise ValueError('give exactly one of ratios= or preset=')
     check_criterion('qk_criterion', qk_criterion, QK_CRITERIA)
     check_criterion('v_criterion', v_criterion, ROW_CRITERIA)
     check_criterion('mlp_criterion', mlp_criterion, ROW_CRITERIA)
     check_criterion('embed_criterion', embed_criterion, EMBED_CRITERIA)
+    check_criterion('head_criterion', head_criterion, HEAD_CRITERIA)
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     if backend not in ops.BACKENDS:
         raise ValueError(f'backend={backend!r} is not known; choose one of {list(ops.BACKENDS)}')
     if gamma is not None and gamma < 1:
         raise ValueError(f'gamma must be >= 1, got {gamma}')
-    from .models import efficientformer
-    if efficientformer.is_efficientformer(model):  # another family: its own pipeline, the same (checked) arguments
-        return efficientformer.prune(**args)
     vit.check_supported(model)
     needs_data = refit or 'snp' == qk_criterion or 'activation' in (v_criterion, mlp_criterion, embed_criterion)
     if needs_data and calib is None:
@@ -306,9 +311,17 @@ def prune(
     notes: List[str] = []
     dims_before = vit.model_dims(model)
     spec = resolve_ratios(preset if preset is not None else ratios, len(dims_before.blocks))
+    if any(isinstance(spec[k], int) and spec[k] for k in DROP_KEYS):  # counts: the least contributing branches
+        if calib is None:
+            raise ValueError('ratios drop_attn / drop_mlp given as a number of blocks need calibration images (calib=) '
+                             'to score the branches; give block indices to drop without data')
+        with timer('selection'):
+            spec = _choose_dropped(model, calib, spec, batch_size, notes)
     dims_after = target_dims(dims_before, spec, notes)
+    if calib is None and any(0 < a.heads < b.heads for a, b in zip(dims_after.blocks, dims_before.blocks)):
+        raise ValueError('head pruning ("heads" ratios) scores the heads on calibration images; pass calib=')
     fixed_qk = vit.fixed_qk_reason(model)
-    if fixed_qk and any(a.qk != b.qk for a, b in zip(dims_after.blocks, dims_before.blocks)):
+    if fixed_qk and any(a.heads and a.qk != b.qk for a, b in zip(dims_after.blocks, dims_before.blocks)):
         raise ValueError(f'{fixed_qk}, so q/k dims cannot be pruned; set the qk ratios to 0 (v, fc1 and embedding '
                          'pruning remain available)')
     if refit_tokens is not None and (not isinstance(refit_tokens, int) or refit_tokens < 1):
@@ -330,14 +343,15 @@ def prune(
     try:
         pruned, selection, refit_stats = _prune(
             model, calib, dims_before, dims_after, timer, qk_criterion=qk_criterion, v_criterion=v_criterion,
-            mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, gamma=gamma, refit=refit, damp=damp,
-            refit_tokens=refit_tokens, batch=batch_size, backend=backend)
+            mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion, gamma=gamma,
+            refit=refit, damp=damp, refit_tokens=refit_tokens, batch=batch_size, backend=backend)
     finally:
         model.train(was_training)
     pruned.train(was_training)
 
     settings = dict(ratios=spec, preset=preset, qk_criterion=qk_criterion, v_criterion=v_criterion,
-                    mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, gamma=gamma, refit=refit,
+                    mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion,
+                    gamma=gamma, refit=refit,
                     damp=damp, refit_tokens=refit_tokens, calib_images=0 if calib is None else calib.shape[0],
                     backend=backend)
     pruned.snp_recipe = {
@@ -352,7 +366,7 @@ def prune(
 
 
 def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_criterion, mlp_criterion,
-           embed_criterion, gamma, refit, damp, refit_tokens, batch, backend):
+           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens, batch, backend):
     n_embed = dims_before.embed
     with timer('selection'):
         if dims_after.embed < n_embed:
@@ -389,33 +403,40 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
         cap = {}
         if x is not None:
             with timer('calibration'):
-                x_next, cap = _run_captured(ob, x, _block_taps(ob), batch, kws[i])
+                taps = _block_taps(ob)
+                if head_criterion == 'output' and 0 < bd.heads < H:
+                    taps['proj_in'] = (ob.attn.proj, 'in')
+                x_next, cap = _run_captured(ob, x, taps, batch, kws[i])
                 if 'attn_in' in cap:
                     cap['qkv'] = roles.qkv_output(ob.attn, cap.pop('attn_in'))
                 _finite(x_next, f'the output of blocks.{i} of the original model')
+        with timer('selection'):
+            heads = _select_heads(ob.attn, cap, bd, od, head_criterion, gamma, batch)
         with timer('qk_scoring'):
-            if bd.qk == d:
-                qk_sel = torch.arange(d).expand(H, d).clone()
+            if bd.heads == 0 or bd.qk == d:  # nothing to choose inside the kept heads (none, or all dims)
+                qk_sel = torch.arange(bd.qk).expand(bd.heads, bd.qk).clone()
             elif qk_criterion == 'snp':
                 q, k = _split_qk(ob.attn, cap['qkv'], H, d)
+                q, k = q[:, heads], k[:, heads]
                 s = sum(ops.qk_scores(qc, kc, gamma or bd.qk, backend=backend)
                         for qc, kc in zip(_chunks(q, batch), _chunks(k, batch)))
                 qk_sel = select_per_head(s, bd.qk)
             else:
-                qk_sel = select_per_head(qk_magnitude(roles.qkv_weight(ob.attn)[0], H, d), bd.qk)
+                qk_sel = select_per_head(qk_magnitude(roles.qkv_weight(ob.attn)[0], H, d)[heads], bd.qk)
         with timer('selection'):
-            if bd.v == d:
-                v_sel = torch.arange(d).expand(H, d).clone()
-            else:
-                v_w = roles.qkv_weight(ob.attn)[0][2 * H * d:]
-                act = cap['qkv'][..., 2 * H * d:].float().pow(2).sum(dim=(0, 1)) if v_criterion == 'activation' else None
-                v_sel = select_per_head(row_scores(v_w, v_criterion, act, backend).view(H, d), bd.v)
-            if bd.mlp == od.mlp:
-                m_sel = torch.arange(od.mlp)
+            if bd.heads == 0 or bd.v == d:
+                v_sel = torch.arange(bd.v).expand(bd.heads, bd.v).clone()
+            else:  # value filters of the kept heads only compete with each other
+                rows = vit._head_rows(torch.arange(d).expand(bd.heads, d), d, 2 * H * d, heads)
+                v_w = roles.qkv_weight(ob.attn)[0][rows]
+                act = cap['qkv'][..., rows].float().pow(2).sum(dim=(0, 1)) if v_criterion == 'activation' else None
+                v_sel = select_per_head(row_scores(v_w, v_criterion, act, backend).view(bd.heads, d), bd.v)
+            if bd.mlp == od.mlp or bd.mlp == 0:
+                m_sel = torch.arange(bd.mlp)
             else:
                 act = cap['fc2_in'].float().pow(2).sum(dim=(0, 1)) if mlp_criterion == 'activation' else None
                 m_sel = select_top(row_scores(roles.mlp_in_weight(ob.mlp), mlp_criterion, act, backend), bd.mlp)
-        sel = BlockSelection(qk_sel, v_sel, m_sel)
+        sel = BlockSelection(qk_sel, v_sel, m_sel, heads if bd.heads < H else None)
         selections.append(sel)
         bplan = vit.block_plan(model, i, sel, embed)
         with timer('slicing'):
@@ -433,6 +454,58 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
     if leftover:
         raise RuntimeError(f'internal error: parameters left unassigned after pruning: {leftover[:5]}')
     return pruned, Selection(embed, selections), stats
+
+
+def _select_heads(attn: nn.Module, cap: dict, bd: vit.BlockDims, od: vit.BlockDims, criterion: str,
+                  gamma: Optional[int], batch: int) -> torch.Tensor:
+    """Kept original head indices (sorted): the bd.heads heads with the highest head_criterion score."""
+    if bd.heads in (0, od.heads):
+        return torch.arange(bd.heads)
+    H, d = od.heads, od.qk
+    if criterion == 'snp':
+        q, k = _split_qk(attn, cap['qkv'], H, d)
+        s = sum(head_energy(qc, kc, gamma or bd.qk) for qc, kc in zip(_chunks(q, batch), _chunks(k, batch)))
+    else:
+        s = head_output(cap['proj_in'], attn.proj.weight, H)
+    return select_top(s, bd.heads)
+
+
+@torch.no_grad()
+def branch_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(attn, mlp): per block, each residual branch's relative contribution on the calibration tokens,
+    ‖branch(x)‖_F / ‖x‖_F with x the stream entering the branch, measured on the ORIGINAL model.
+
+    A branch that barely changes the stream is the cheapest to replace by a constant (drop_attn / drop_mlp)."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = _prefix(model, calib, batch_size)
+        attn, mlp = [], []
+        for blk, kw in zip(model.blocks, _block_kwargs(model, calib)):  # kw: what the block hands its attention
+            ls1, ls2 = roles.branch_scale(blk, 1), roles.branch_scale(blk, 2)
+            a = _apply(lambda t: ls1(blk.attn(blk.norm1(t), **kw)), x, batch_size)
+            attn.append(a.double().norm() / x.double().norm())
+            x = x + a
+            m = _apply(lambda t: ls2(blk.mlp(blk.norm2(t))), x, batch_size)
+            mlp.append(m.double().norm() / x.double().norm())
+            x = x + m
+    finally:
+        model.train(was_training)
+    return torch.stack(attn).float(), torch.stack(mlp).float()
+
+
+def _choose_dropped(model: nn.Module, calib: torch.Tensor, spec: dict, batch: int, notes: List[str]) -> dict:
+    """Replace drop counts in `spec` by the block indices of the least contributing branches."""
+    scores = dict(zip(DROP_KEYS, branch_scores(model, calib, batch)))
+    spec = dict(spec)
+    for key in DROP_KEYS:
+        n = spec[key]
+        if isinstance(n, int):
+            spec[key] = select_top(-scores[key], n).tolist() if n else []
+            if n:
+                notes.append(f'{key}: blocks {spec[key]} (relative contribution '
+                             + ', '.join(f'{scores[key][j]:.3g}' for j in spec[key]) + ')')
+    return spec
 
 
 def _block_taps(blk: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
@@ -461,16 +534,32 @@ def _token_subset(n: int, budget: Optional[int], gen: torch.Generator) -> Option
 
 def _fit(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, rows: Optional[torch.Tensor], damp: float,
          backend: str, pred: Optional[torch.Tensor] = None) -> RefitStats:
-    x = x.reshape(-1, x.shape[-1])
+    x = x.reshape(y.shape[:-1].numel(), x.shape[-1])  # not (-1, 0): a dropped branch's input has zero width
     y = y.reshape(-1, y.shape[-1])
     pred = None if pred is None else pred.reshape(-1, pred.shape[-1])
     if rows is not None:
         rows = rows.to(x.device)
         x, y = x.index_select(0, rows), y.index_select(0, rows)
         pred = None if pred is None else pred.index_select(0, rows)
+    if layer.in_features == 0:
+        return _fit_constant(layer, y)
     fit = LinearFit(layer, backend=backend)
     fit.add(x, y, pred)
     return fit.solve(damp)
+
+
+@torch.no_grad()
+def _fit_constant(layer: nn.Linear, y: torch.Tensor) -> RefitStats:
+    """The re-fit of a zero-width layer (a dropped branch): its bias becomes the mean target."""
+    y = y.double()
+    yy = y.pow(2).sum().clamp_min(torch.finfo(torch.float64).tiny)
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(y[0])
+    before = float((y - b).pow(2).sum() / yy)
+    if layer.bias is None:
+        return RefitStats(y.shape[0], before, before)
+    mean = y.mean(0)
+    layer.bias.data.copy_(mean.to(layer.bias.dtype))
+    return RefitStats(y.shape[0], before, float((y - mean).pow(2).sum() / yy))
 
 
 @torch.no_grad()
@@ -483,15 +572,16 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
     dev = xp.device
     e = embed.to(dev)
     rows = _token_subset(xp.shape[0] * xp.shape[1], refit_tokens, gen)
-    q_rows = vit._head_rows(sel.qk, d)
-    qkv_rows = torch.cat([q_rows, q_rows + H * d, vit._head_rows(sel.v, d) + 2 * H * d]).to(dev)
+    q_rows = vit._head_rows(sel.qk, d, heads=sel.heads)
+    qkv_rows = torch.cat([q_rows, q_rows + H * d, vit._head_rows(sel.v, d, 2 * H * d, sel.heads)]).to(dev)
     p = f'blocks.{i}'
 
     n1 = _apply(pb.norm1, xp, batch)
-    for name, layer, cols, write_back in roles.qkv_fit_parts(pb.attn, sel.qk.numel(), sel.v.numel()):
-        target = cap['qkv'][..., qkv_rows[cols.to(dev)]]
-        stats[f'{p}.attn.{name}'] = _fit(layer, n1, target, rows, damp, backend)
-        write_back()
+    if qkv_rows.numel():  # else the attention branch is dropped: only proj's constant output is fitted
+        for name, layer, cols, write_back in roles.qkv_fit_parts(pb.attn, sel.qk.numel(), sel.v.numel()):
+            target = cap['qkv'][..., qkv_rows[cols.to(dev)]]
+            stats[f'{p}.attn.{name}'] = _fit(layer, n1, target, rows, damp, backend)
+            write_back()
     # the sliced proj's output on ctx comes with the run: it is the re-fit's starting prediction
     _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in'), 'pred': (pb.attn.proj, 'out')}, batch, kwargs)
     stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap['proj_out'][..., e], rows, damp, backend, c['pred'])
@@ -499,8 +589,10 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
     xp_mid = xp + _apply(lambda t: ls1(pb.attn.proj(t)), c['ctx'], batch)
     del n1, c
     n2 = _apply(pb.norm2, xp_mid, batch)
-    for name, kept in (fc1_rows or {'fc1': sel.mlp}).items():
-        stats[f'{p}.mlp.{name}'] = _fit(getattr(pb.mlp, name), n2, cap[name][..., kept.to(dev)], rows, damp, backend)
+    if sel.mlp.numel():
+        for name, kept in (fc1_rows or {'fc1': sel.mlp}).items():
+            stats[f'{p}.mlp.{name}'] = _fit(getattr(pb.mlp, name), n2, cap[name][..., kept.to(dev)], rows, damp,
+                                            backend)
     _, c = _run_captured(pb.mlp, n2, {'hidden': (pb.mlp.fc2, 'in'), 'pred': (pb.mlp.fc2, 'out')}, batch)
     stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap['fc2_out'][..., e], rows, damp, backend, c['pred'])
     xp_out = xp_mid + _apply(lambda t: ls2(pb.mlp.fc2(t)), c['hidden'], batch)

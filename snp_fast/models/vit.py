@@ -11,6 +11,8 @@ Note: with timm's scale_attn_norm / scale_mlp_norm (a LayerNorm over the value o
 removing v or fc1 filters changes that norm's statistics, so such models have no exact masked twin
 (like embedding pruning); the re-fit compensates.
 """
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -61,9 +63,13 @@ class ModelDims:
 
 @dataclass
 class BlockSelection:
-    qk: torch.Tensor   # (H, kept q/k dims per head), int64, sorted per head
-    v: torch.Tensor    # (H, kept v dims per head)
-    mlp: torch.Tensor  # (kept fc1 neurons,)
+    qk: torch.Tensor   # (kept heads, kept q/k dims per head), int64, sorted per head; dims index within a head
+    v: torch.Tensor    # (kept heads, kept v dims per head)
+    mlp: torch.Tensor  # (kept fc1 neurons,); empty = the MLP branch is dropped
+    heads: Optional[torch.Tensor] = None  # kept ORIGINAL head indices, sorted; None = all heads; empty = attn dropped
+
+    def head_index(self) -> torch.Tensor:
+        return torch.arange(self.qk.shape[0]) if self.heads is None else self.heads
 
 
 @dataclass
@@ -77,12 +83,28 @@ class Selection:
 
     def to_dict(self) -> dict:
         return {'embed': self.embed.tolist(),
-                'blocks': [{'qk': b.qk.tolist(), 'v': b.v.tolist(), 'mlp': b.mlp.tolist()} for b in self.blocks]}
+                'blocks': [{'heads': b.head_index().tolist(), 'qk': b.qk.tolist(), 'v': b.v.tolist(),
+                            'mlp': b.mlp.tolist()} for b in self.blocks]}
 
     @classmethod
     def from_dict(cls, d: dict) -> 'Selection':
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        return cls(t(d['embed']), [BlockSelection(t(b['qk']), t(b['v']), t(b['mlp'])) for b in d['blocks']])
+        blocks = []
+        for b in d['blocks']:
+            heads = t(b['heads']) if 'heads' in b else None  # recipes before head pruning: all heads
+            n = len(b['qk'])
+            # a dropped attention has (0, 0) selections, which JSON stores as []
+            per_head = lambda x: t(x).reshape(n, -1) if n else torch.zeros(0, 0, dtype=torch.long)  # noqa: E731
+            blocks.append(BlockSelection(per_head(b['qk']), per_head(b['v']), t(b['mlp']), heads))
+        return cls(t(d['embed']), blocks)
+
+
+@contextmanager
+def _quiet_zero_init():
+    """Zero-width layers (a dropped branch) are legal; torch's init warns that initialising them is a no-op."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Initializing zero-element tensors is a no-op')
+        yield
 
 
 class PrunedAttention(nn.Module):
@@ -104,13 +126,14 @@ class PrunedAttention(nn.Module):
         self.v_dim = v_dim
         self.head_dim = qk_dim  # timm tools read attn.head_dim
         self.scale = scale
-        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias, **dd)
+        with _quiet_zero_init():  # num_heads = 0 (attention dropped): zero-width qkv, gate and proj
+            self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias, **dd)
+            self.gate = nn.Linear(dim, num_heads * v_dim, bias=gate_bias, **dd) if gate_bias is not None else None
+            self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias, **dd)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm if norm is not None else nn.Identity()
-        self.gate = nn.Linear(dim, num_heads * v_dim, bias=gate_bias, **dd) if gate_bias is not None else None
-        self.proj = nn.Linear(num_heads * v_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -123,6 +146,8 @@ class PrunedAttention(nn.Module):
             raise TypeError(f'PrunedAttention got keyword arguments it cannot honour: {sorted(unknown)}')
         B, N, _ = x.shape
         H, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
+        if H == 0:  # dropped branch: the zero-width limit, whose output is proj's bias (a constant)
+            return self.proj_drop(self.proj(x.new_zeros(B, N, 0)))
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).split([H * dqk, H * dqk, H * dv], dim=-1)
         q = self.q_norm(q.view(B, N, H, dqk).transpose(1, 2))
@@ -245,10 +270,14 @@ def fixed_qk_reason(model: nn.Module) -> str:
 # ------------------------------------------------------------------------------------------------
 # slicing plan: {parameter name: [(dim, kept index)]}
 
-def _head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Tensor:
-    """(H, kept) per-head indices -> flat row indices into a head-major (H*head_dim) axis."""
-    heads = torch.arange(sel.shape[0], dtype=torch.long).unsqueeze(1)
-    return (heads * head_dim + sel + offset).flatten()
+def _head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0, heads: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    """(kept heads, kept) per-head indices -> flat row indices into a head-major (H*head_dim) axis.
+
+    `heads`: the original index of each row of `sel` (None: rows are heads 0..H-1)."""
+    if heads is None:
+        heads = torch.arange(sel.shape[0], dtype=torch.long)
+    return (heads.long().unsqueeze(1) * head_dim + sel + offset).flatten()
 
 
 def _norm_plan(plan: Plan, prefix: str, module: nn.Module, idx: torch.Tensor) -> None:
@@ -301,8 +330,8 @@ def block_plan(model: nn.Module, i: int, sel: BlockSelection, embed: torch.Tenso
         raise UnsupportedModelError(f'blocks.{i}.attn is already pruned; re-pruning is not supported')
     d = d_qk
     p = f'blocks.{i}'
-    q_rows = _head_rows(sel.qk, d)
-    v_cols = _head_rows(sel.v, d)
+    q_rows = _head_rows(sel.qk, d, heads=sel.heads)
+    v_cols = _head_rows(sel.v, d, heads=sel.heads)
     qkv_rows = torch.cat([q_rows, q_rows + h * d, v_cols + 2 * h * d])
     plan: Plan = {}
     _norm_plan(plan, f'{p}.norm1', blk.norm1, embed)
@@ -339,7 +368,8 @@ def _resize_norm(mod: nn.Module, n: int) -> None:
 
 
 def _new_linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
-    return nn.Linear(in_f, out_f, bias=old.bias is not None, device='meta', dtype=old.weight.dtype)
+    with _quiet_zero_init():  # fc1/fc2 of a dropped MLP branch have zero width
+        return nn.Linear(in_f, out_f, bias=old.bias is not None, device='meta', dtype=old.weight.dtype)
 
 
 def _new_param(old: torch.Tensor, shape) -> nn.Parameter:
@@ -378,17 +408,24 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
         if isinstance(mod, nn.Linear):
             setattr(model, name, _new_linear(mod, D, mod.out_features))
     for i, (blk, bd, od) in enumerate(zip(model.blocks, dims.blocks, orig.blocks)):
-        if bd.heads != od.heads:
-            raise ValueError(f'blocks.{i}: head pruning is not supported by this adapter ({od.heads} -> {bd.heads})')
-        for lim, val, what in ((od.qk, bd.qk, 'qk'), (od.v, bd.v, 'v'), (od.mlp, bd.mlp, 'mlp')):
-            if not 1 <= val <= lim:
-                raise ValueError(f'blocks.{i}: {what} width {val} outside [1, {lim}]')
+        # heads = 0 (then qk = v = 0) drops the attention branch, mlp = 0 the MLP branch: the zero-width limit
+        if not 0 <= bd.heads <= od.heads:
+            raise ValueError(f'blocks.{i}: {bd.heads} heads outside [0, {od.heads}]')
+        lo = 1 if bd.heads else 0
+        for lim, val, what in ((od.qk, bd.qk, 'qk'), (od.v, bd.v, 'v')):
+            if not lo <= val <= (lim if bd.heads else 0):
+                raise ValueError(f'blocks.{i}: {what} width {val} outside [{lo}, {lim if bd.heads else 0}] '
+                                 f'with {bd.heads} heads')
+        if not 0 <= bd.mlp <= od.mlp:
+            raise ValueError(f'blocks.{i}: mlp width {bd.mlp} outside [0, {od.mlp}]')
+        if bd.mlp == 0 and not isinstance(blk.mlp.norm, nn.Identity):
+            raise ValueError(f'blocks.{i}: the MLP branch of a model with scale_mlp_norm cannot be dropped')
         _resize_norm(blk.norm1, D)
         _resize_norm(blk.norm2, D)
         a = blk.attn
         q_norm = a.q_norm if not isinstance(a.q_norm, nn.Identity) else None
         k_norm = a.k_norm if not isinstance(a.k_norm, nn.Identity) else None
-        if (q_norm is not None or k_norm is not None) and bd.qk != od.qk:
+        if (q_norm is not None or k_norm is not None) and bd.heads and bd.qk != od.qk:
             raise ValueError(f'blocks.{i}: q/k pruning of a model with qk_norm is not supported')
         norm = None
         if not isinstance(getattr(a, 'norm', nn.Identity()), nn.Identity):
