@@ -285,6 +285,7 @@ def prune(
         timm_name, timm_kwargs: how to rebuild the unpruned architecture with timm.create_model, for
             save_pruned/load_pruned (default: inferred from the model).
     """
+    args = dict(locals())  # first statement: exactly prune()'s arguments
     if (ratios is None) == (preset is None):
         raise ValueError('give exactly one of ratios= or preset=')
     check_criterion('qk_criterion', qk_criterion, QK_CRITERIA)
@@ -298,6 +299,9 @@ def prune(
         raise ValueError(f'backend={backend!r} is not known; choose one of {list(ops.BACKENDS)}')
     if gamma is not None and gamma < 1:
         raise ValueError(f'gamma must be >= 1, got {gamma}')
+    from .models import efficientformer
+    if efficientformer.is_efficientformer(model):  # another family: its own pipeline, the same (checked) arguments
+        return efficientformer.prune(**args)
     vit.check_supported(model)
     needs_data = refit or 'snp' == qk_criterion or 'activation' in (v_criterion, mlp_criterion, embed_criterion)
     if needs_data and calib is None:
