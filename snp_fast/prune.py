@@ -487,10 +487,10 @@ def branch_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -
         attn, mlp = [], []
         for blk, kw in zip(model.blocks, _block_kwargs(model, calib)):  # kw: what the block hands its attention
             ls1, ls2 = roles.branch_scale(blk, 1), roles.branch_scale(blk, 2)
-            a = _apply(lambda t: ls1(blk.attn(blk.norm1(t), **kw)), x, batch_size)
+            a = _apply(lambda t: ls1(blk.attn(roles.branch_input(blk, 1)(t), **kw)), x, batch_size)
             attn.append(a.double().norm() / x.double().norm())
             x = x + a
-            m = _apply(lambda t: ls2(blk.mlp(blk.norm2(t))), x, batch_size)
+            m = _apply(lambda t: ls2(blk.mlp(roles.branch_input(blk, 2)(t))), x, batch_size)
             mlp.append(m.double().norm() / x.double().norm())
             x = x + m
     finally:
@@ -580,7 +580,7 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
     qkv_rows = torch.cat([q_rows, q_rows + H * d, vit._head_rows(sel.v, d, 2 * H * d, sel.heads)]).to(dev)
     p = f'blocks.{i}'
 
-    n1 = _apply(pb.norm1, xp, batch)
+    n1 = _apply(roles.branch_input(pb, 1), xp, batch)
     if qkv_rows.numel():  # else the attention branch is dropped: only proj's constant output is fitted
         for name, layer, cols, write_back in roles.qkv_fit_parts(pb.attn, sel.qk.numel(), sel.v.numel()):
             target = cap['qkv'][..., qkv_rows[cols.to(dev)]]
@@ -592,7 +592,7 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
     ls1, ls2 = roles.branch_scale(pb, 1), roles.branch_scale(pb, 2)
     xp_mid = xp + _apply(lambda t: ls1(pb.attn.proj(t)), c['ctx'], batch)
     del n1, c
-    n2 = _apply(pb.norm2, xp_mid, batch)
+    n2 = _apply(roles.branch_input(pb, 2), xp_mid, batch)
     if sel.mlp.numel():
         for name, kept in (fc1_rows or {'fc1': sel.mlp}).items():
             stats[f'{p}.mlp.{name}'] = _fit(getattr(pb.mlp, name), n2, cap[name][..., kept.to(dev)], rows, damp,

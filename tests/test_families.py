@@ -1,7 +1,7 @@
 """Model families beyond the plain ViT: timm's Eva family (EVA-02 / DINOv3 / RoPE-ViT / PE: RoPE,
 EvaAttention with split q/k/v biases, separate q/k/v projections, AttentionRope, mixed RoPE), the
-GluMlp / SwiGLU FFNs, the attention-pooling head (global_pool='map') and VisionTransformerRelPos, on
-tiny builds of real timm architectures."""
+GluMlp / SwiGLU FFNs, the attention-pooling head (global_pool='map'), VisionTransformerRelPos and residual
+post-norm blocks, on tiny builds of real timm architectures."""
 import pytest
 import timm
 import torch
@@ -24,6 +24,8 @@ CASES = {
     'eva_map': ('vit_pe_core_tiny_patch16_384', {}, 'fused', 'Mlp'),                     # PE: RoPE + attention pool
     'relpos': ('vit_relpos_medium_patch16_cls_224', {}, 'fused', 'Mlp'),                 # per-block rel-pos MLP bias
     'srelpos': ('vit_srelpos_small_patch16_224', {}, 'fused', 'Mlp'),                    # one shared rel-pos bias
+    'vit_respost': ('vit_base_patch16_rpn_224', {}, 'fused', 'Mlp'),                     # residual post-norm blocks
+    'relpos_respost': ('vit_relpos_base_patch16_rpn_224', {}, 'fused', 'Mlp'),
 }
 
 
@@ -74,7 +76,10 @@ def test_pruned_runs_refit_helps_and_round_trips(case, tmp_path):
     with torch.no_grad():
         keep = torch.tensor(pruned.snp_recipe['selection']['embed'])
         f0, f, fn = m.forward_features(held)[..., keep], pruned.forward_features(held), plain.forward_features(held)
-    assert (f - f0).pow(2).mean() < 0.8 * (fn - f0).pow(2).mean()
+    # post-norm blocks normalise each branch over the PRUNED stream after the re-fitted Linears (which match the
+    # original's pre-norm outputs), so the re-fit recovers less there (measured: 18 % less error vs 28-70 %)
+    bound = 0.9 if 'respost' in case else 0.8
+    assert (f - f0).pow(2).mean() < bound * (fn - f0).pow(2).mean()
     snp_fast.save_pruned(pruned, str(tmp_path / 'm'))
     loaded = snp_fast.load_pruned(str(tmp_path / 'm'))
     with torch.no_grad():
@@ -123,10 +128,11 @@ def test_value_and_ffn_slices_equal_zeroed_filters():
         torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('case', ['relpos', 'srelpos'])
-def test_relpos_slices_equal_zeroed_filters(case):
-    """Relative-position models prune q/k too (the bias does not depend on q/k dims): slicing q/k pairs, v
-    filters and fc1 neurons gives the original's output with them zeroed (original softmax scale kept)."""
+@pytest.mark.parametrize('case', ['relpos', 'srelpos', 'vit_respost', 'relpos_respost'])
+def test_qk_v_mlp_slices_equal_zeroed_filters(case):
+    """Relative-position and post-norm models prune q/k too (the bias does not depend on q/k dims): slicing
+    q/k pairs, v filters and fc1 neurons gives the original's output with them zeroed (original softmax
+    scale kept)."""
     m, masked = _build(case), _build(case)
     x = _images(4, 1)
     pruned, _ = snp_fast.prune(m, x, {'qk': .5, 'v': .5, 'mlp': .5, 'embed': 0}, refit=False)
@@ -146,9 +152,9 @@ def test_relpos_slices_equal_zeroed_filters(case):
         torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
-def test_post_norm_relpos_blocks_are_refused():
-    m = timm.create_model('vit_relpos_base_patch16_rpn_224', **SMALL)
-    with pytest.raises(snp_fast.UnsupportedModelError, match='ResPostRelPosBlock'):
+def test_parallel_blocks_are_refused():
+    m = timm.create_model('vit_base_patch16_xp_224', **SMALL)
+    with pytest.raises(snp_fast.UnsupportedModelError, match='ParallelScalingBlock'):
         snp_fast.prune(m, _images(2, 1), RATIOS)
 
 

@@ -11,6 +11,7 @@ a residual-stream channel. What changes between timm layers is only where their 
           GluMlp        neuron i = rows i and h + i of fc1 (the two halves are multiplied)
           SwiGLU        neuron i = row i of fc1_g and of fc1_x
   scales  ls1/ls2.gamma (timm Block LayerScale) or gamma_1/gamma_2 (EvaBlock)
+  norms   pre-norm blocks read norm_i(x); post-norm ones (ResPost*) add norm_i(branch(x)) to the stream
   pool    attn_pool (global_pool='map', AttentionPoolLatent) reads the stream through kv's input columns
 
 `PrunedRopeAttention` is the pruned form of timm's rotary-embedding attentions (EvaAttention,
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 __all__ = ['qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden', 'mlp_fc1_rows',
            'mlp_in_weight', 'mlp_plan', 'resize_mlp', 'branch_scale', 'scale_names', 'check_mlp',
-           'PrunedRopeAttention', 'pool_plan', 'pruned_attention_pool']
+           'PrunedRopeAttention', 'pool_plan', 'pruned_attention_pool', 'is_post_norm', 'branch_input']
 
 Plan = Dict[str, List[Tuple[int, torch.Tensor]]]
 
@@ -185,8 +186,21 @@ def scale_names(blk: nn.Module) -> List[str]:
     return out + [g for g in ('gamma_1', 'gamma_2') if getattr(blk, g, None) is not None]
 
 
+def is_post_norm(blk: nn.Module) -> bool:
+    """timm's residual post-norm blocks (ResPostBlock, ResPostRelPosBlock): x + norm_i(branch_i(x))."""
+    return type(blk).__name__.startswith('ResPost')
+
+
+def branch_input(blk: nn.Module, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What branch i (1 = attention, 2 = FFN) reads: norm_i of the stream (pre-norm) or the stream itself."""
+    return (lambda t: t) if is_post_norm(blk) else getattr(blk, f'norm{i}')
+
+
 def branch_scale(blk: nn.Module, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The scale applied to branch i (1 = attention, 2 = FFN) before it is added to the stream."""
+    """What is applied to branch i's output before it is added to the stream: its LayerScale (pre-norm
+    blocks; identity without one) or norm_i (post-norm blocks)."""
+    if is_post_norm(blk):
+        return getattr(blk, f'norm{i}')
     ls = getattr(blk, f'ls{i}', None)
     if ls is not None:
         return ls

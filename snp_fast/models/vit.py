@@ -28,7 +28,7 @@ __all__ = ['BlockDims', 'ModelDims', 'BlockSelection', 'Selection', 'PrunedAtten
 
 SUPPORTED = ('timm VisionTransformer / VisionTransformerDistilled built from the standard Block and Attention '
              'layers (vit_*, deit_*, deit3_*, *_distilled, register-token and class_token=False variants), '
-             'VisionTransformerRelPos with pre-norm RelPosBlock (vit_relpos_*, vit_srelpos_*), '
+             'VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*), pre-norm or residual post-norm (ResPost*) blocks, '
              'timm Eva (EvaBlock with EvaAttention / AttentionRope: EVA-02, DINOv3, RoPE-ViT, PE; q/k kept whole), '
              'with Mlp, GluMlp or SwiGLU FFNs and a token, average or attention-pooling ("map") head')
 
@@ -217,13 +217,18 @@ def check_supported(model: nn.Module, allow_pruned: bool = False) -> None:
     if not isinstance(getattr(model.patch_embed, 'proj', None), nn.Conv2d):
         raise UnsupportedModelError(f'patch embedding {type(model.patch_embed).__name__} without a Conv2d proj '
                                     'is not supported')
-    block_type, attn_types, pruned_type = (EvaBlock, rope_attns, roles.PrunedRopeAttention) if eva else \
-        (RelPosBlock, (RelPosAttention,), PrunedRelPosAttention) if relpos else (Block, (Attention,), PrunedAttention)
+    from timm.models.vision_transformer import ResPostBlock
+    from timm.models.vision_transformer_relpos import ResPostRelPosBlock
+    block_types, attn_types, pruned_type = (
+        ((EvaBlock,), rope_attns, roles.PrunedRopeAttention) if eva else
+        ((RelPosBlock, ResPostRelPosBlock), (RelPosAttention,), PrunedRelPosAttention) if relpos else
+        ((Block, ResPostBlock), (Attention,), PrunedAttention))
     attn_types = attn_types + (pruned_type,) if allow_pruned else attn_types
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not block_type:
-            raise UnsupportedModelError(f'blocks.{i} is a {type(blk).__name__}; only timm {block_type.__name__} is '
-                                        f'supported in a {type(model).__name__} ({SUPPORTED})')
+        if type(blk) not in block_types:
+            raise UnsupportedModelError(f'blocks.{i} is a {type(blk).__name__}; only timm '
+                                        f'{" / ".join(t.__name__ for t in block_types)} is supported in a '
+                                        f'{type(model).__name__} ({SUPPORTED})')
         if type(blk.attn) not in attn_types:
             what = 'already pruned (re-pruning is not supported)' if isinstance(blk.attn, pruned_type) \
                 else f'a {type(blk.attn).__name__}'
