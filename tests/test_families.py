@@ -70,7 +70,8 @@ def test_pruned_runs_refit_helps_and_round_trips(case, tmp_path):
         y0, y, yn = m(held), pruned(held), plain(held)
     assert y.shape == y0.shape and torch.isfinite(y).all()
     assert rep.params_after < 0.75 * rep.params_before
-    assert rep.dims_after.embed == 48 and all(b.mlp == rep.dims_before.blocks[0].mlp // 2 for b in rep.dims_after.blocks)
+    assert rep.dims_after.embed == 48
+    assert all(b.mlp == rep.dims_before.blocks[0].mlp // 2 for b in rep.dims_after.blocks)
     # held-out images: the block re-fit (on other images) brings the features closer to the original's. (The
     # logits are not compared: 64 calibration images barely over-determine a 49-input head re-fit.)
     with torch.no_grad():

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden', 'mlp_fc1_rows',
-           'mlp_in_weight', 'mlp_plan', 'resize_mlp', 'branch_scale', 'scale_names', 'check_mlp',
+__all__ = ['qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden',
+           'mlp_fc1_rows', 'mlp_in_weight', 'mlp_plan', 'resize_mlp', 'branch_scale', 'scale_names', 'check_mlp',
            'PrunedRopeAttention', 'pool_plan', 'pruned_attention_pool', 'is_post_norm', 'branch_input']
 
 Plan = Dict[str, List[Tuple[int, torch.Tensor]]]
@@ -213,14 +213,15 @@ def branch_scale(blk: nn.Module, i: int) -> Callable[[torch.Tensor], torch.Tenso
 
 class PrunedRopeAttention(nn.Module):
     """Pruned form of timm's EvaAttention / AttentionRope: the same parameter names and layout
-    (`layout`, see qkv_layout; `qkv_bias`: see qkv_biases), RoPE applied to q and k of the non-prefix tokens, the ORIGINAL softmax
-    scale, and value width `v_dim` per head. q/k keep their full width: RoPE rotates pairs of q/k dims
-    by position, so snp_fast does not prune them (see prune()).
+    (`layout`, see qkv_layout; `qkv_bias`: see qkv_biases), RoPE applied to q and k of the non-prefix
+    tokens, the ORIGINAL softmax scale, and value width `v_dim` per head. q/k keep their full width:
+    RoPE rotates pairs of q/k dims by position, so snp_fast does not prune them (see prune()).
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, v_dim: int, scale: float, layout: str,
                  qkv_bias: Tuple[bool, bool, bool], proj_bias: bool, num_prefix_tokens: int, rotate_half: bool,
-                 q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None, norm: Optional[nn.Module] = None, gate_bias: Optional[bool] = None, attn_drop: float = 0.,
+                 q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
+                 norm: Optional[nn.Module] = None, gate_bias: Optional[bool] = None, attn_drop: float = 0.,
                  proj_drop: float = 0., device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}

@@ -442,7 +442,8 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
             if bd.heads != od.heads or bd.qk != od.qk:
                 raise ValueError(f'blocks.{i}: head and q/k pruning of a RoPE attention are not supported')
             blk.attn = roles.PrunedRopeAttention(
-                D, bd.heads, bd.qk, bd.v, scale=float(a.scale), layout=roles.qkv_layout(a), qkv_bias=roles.qkv_biases(a),
+                D, bd.heads, bd.qk, bd.v, scale=float(a.scale), layout=roles.qkv_layout(a),
+                qkv_bias=roles.qkv_biases(a),
                 proj_bias=a.proj.bias is not None, num_prefix_tokens=a.num_prefix_tokens,
                 rotate_half=bool(getattr(a, 'rotate_half', False)), q_norm=q_norm, k_norm=k_norm, norm=norm,
                 gate_bias=gate_bias, attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p, device='meta',
