@@ -428,13 +428,15 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
             else:
                 qk_sel = select_per_head(qk_magnitude(roles.qkv_weight(ob.attn)[0], H, d)[heads], bd.qk)
         with timer('selection'):
+            g = roles.kv_groups(ob.attn)  # grouped-query attention: v filters belong to the H / g value heads
             if bd.heads == 0 or bd.v == d:
-                v_sel = torch.arange(bd.v).expand(bd.heads, bd.v).clone()
+                v_sel = torch.arange(bd.v).expand(bd.heads // g, bd.v).clone()
             else:  # value filters of the kept heads only compete with each other
-                rows = vit._head_rows(torch.arange(d).expand(bd.heads, d), d, 2 * H * d, heads)
+                rows = vit._head_rows(torch.arange(d).expand(bd.heads // g, d), d, (H + H // g) * d,
+                                      heads if g == 1 else None)
                 v_w = roles.qkv_weight(ob.attn)[0][rows]
                 act = cap['qkv'][..., rows].float().pow(2).sum(dim=(0, 1)) if v_criterion == 'activation' else None
-                v_sel = select_per_head(row_scores(v_w, v_criterion, act, backend).view(bd.heads, d), bd.v)
+                v_sel = select_per_head(row_scores(v_w, v_criterion, act, backend).view(bd.heads // g, d), bd.v)
             if bd.mlp == od.mlp or bd.mlp == 0:
                 m_sel = torch.arange(bd.mlp)
             else:
@@ -577,12 +579,15 @@ def _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, 
     e = embed.to(dev)
     rows = _token_subset(xp.shape[0] * xp.shape[1], refit_tokens, gen)
     q_rows = vit._head_rows(sel.qk, d, heads=sel.heads)
-    qkv_rows = torch.cat([q_rows, q_rows + H * d, vit._head_rows(sel.v, d, 2 * H * d, sel.heads)]).to(dev)
+    g = roles.kv_groups(pb.attn)  # grouped-query attention (RoPE, q/k whole): all of k's H / g heads
+    k_rows = q_rows if g == 1 else torch.arange(H // g * d)
+    qkv_rows = torch.cat([q_rows, k_rows + H * d, vit._head_rows(sel.v, d, (H + H // g) * d, sel.heads)]).to(dev)
     p = f'blocks.{i}'
 
     n1 = _apply(roles.branch_input(pb, 1), xp, batch)
     if qkv_rows.numel():  # else the attention branch is dropped: only proj's constant output is fitted
-        for name, layer, cols, write_back in roles.qkv_fit_parts(pb.attn, sel.qk.numel(), sel.v.numel()):
+        for name, layer, cols, write_back in roles.qkv_fit_parts(pb.attn, sel.qk.numel(), sel.v.numel(),
+                                                                 k_rows.numel()):
             target = cap['qkv'][..., qkv_rows[cols.to(dev)]]
             stats[f'{p}.attn.{name}'] = _fit(layer, n1, target, rows, damp, backend)
             write_back()

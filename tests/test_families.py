@@ -24,6 +24,7 @@ CASES = {
     'eva_map': ('vit_pe_core_tiny_patch16_384', {}, 'fused', 'Mlp'),                     # PE: RoPE + attention pool
     'relpos': ('vit_relpos_medium_patch16_cls_224', {}, 'fused', 'Mlp'),                 # per-block rel-pos MLP bias
     'srelpos': ('vit_srelpos_small_patch16_224', {}, 'fused', 'Mlp'),                    # one shared rel-pos bias
+    'eva_gqa': ('vit_large_patch16_sapiens2', dict(num_kv_heads=[4, 2]), 'separate', 'GluMlp'),  # grouped-query attn
     'vit_respost': ('vit_base_patch16_rpn_224', {}, 'fused', 'Mlp'),                     # residual post-norm blocks
     'relpos_respost': ('vit_relpos_base_patch16_rpn_224', {}, 'fused', 'Mlp'),
 }
@@ -165,7 +166,20 @@ def test_rope_models_refuse_qk_pruning():
         snp_fast.prune(m, _images(2, 1), {'qk': .25, 'v': 0, 'mlp': 0, 'embed': 0})
 
 
-def test_grouped_query_attention_is_refused():
-    m = timm.create_model('vit_small_patch16_dinov3', **SMALL, attn_type='rope', qkv_fused=False, num_kv_heads=2)
-    with pytest.raises(snp_fast.UnsupportedModelError, match='grouped-query attention'):
-        snp_fast.prune(m, _images(2, 1), {'qk': 0, 'v': .25, 'mlp': 0, 'embed': 0})
+def test_grouped_query_value_slices_equal_zeroed_filters():
+    """Grouped-query attention (Sapiens2: block 1 has 2 key/value heads for 4 query heads): v filters are
+    chosen per value head and each one's proj columns go for every query head of its group."""
+    m, masked = _build('eva_gqa'), _build('eva_gqa')
+    assert [b.attn.num_kv_heads for b in m.blocks] == [4, 2]
+    x = _images(4, 1)
+    pruned, _ = snp_fast.prune(m, x, {'qk': 0, 'v': .5, 'mlp': 0, 'embed': 0}, refit=False)
+    with torch.no_grad():
+        for blk, bs in zip(masked.blocks, pruned.snp_recipe['selection']['blocks']):
+            assert len(bs['v']) == blk.attn.num_kv_heads
+            drop = torch.ones(blk.attn.v_proj.out_features, dtype=torch.bool)
+            drop[vit._head_rows(torch.tensor(bs['v']), blk.attn.head_dim)] = False
+            blk.attn.v_proj.weight[drop] = 0
+            if blk.attn.v_proj.bias is not None:
+                blk.attn.v_proj.bias[drop] = 0
+        assert pruned.blocks[1].attn.v_proj.out_features == 2 * blk.attn.head_dim // 2
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)

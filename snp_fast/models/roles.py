@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 __all__ = ['qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden',
            'mlp_fc1_rows', 'mlp_in_weight', 'mlp_plan', 'resize_mlp', 'branch_scale', 'scale_names', 'check_mlp',
-           'PrunedRopeAttention', 'pool_plan', 'pruned_attention_pool', 'is_post_norm', 'branch_input']
+           'PrunedRopeAttention', 'kv_groups', 'pool_plan', 'pruned_attention_pool', 'is_post_norm', 'branch_input']
 
 Plan = Dict[str, List[Tuple[int, torch.Tensor]]]
 
@@ -53,6 +53,12 @@ def qkv_weight(attn: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if all(m.bias is None for m in lins):
         return w, None
     return w, torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in lins])
+
+
+def kv_groups(attn: nn.Module) -> int:
+    """Query heads per key/value head: > 1 with grouped-query attention (k and v have fewer heads)."""
+    kv = getattr(attn, 'num_kv_heads', None) or attn.num_heads
+    return attn.num_heads // kv if kv else 1  # (a dropped attention branch has no heads)
 
 
 def qkv_biases(attn: nn.Module) -> Tuple[bool, bool, bool]:
@@ -82,7 +88,9 @@ def qkv_plan(plan: Plan, prefix: str, attn: nn.Module, q_rows: torch.Tensor, v_r
     n = attn.num_heads * attn.head_dim
     layout = qkv_layout(attn)
     if layout == 'separate':
-        for name, rows in (('q_proj', q_rows), ('k_proj', q_rows), ('v_proj', v_rows)):
+        # grouped-query attention only comes with RoPE, whose q/k are kept whole: k keeps all its rows
+        k_rows = q_rows if kv_groups(attn) == 1 else torch.arange(attn.k_proj.out_features)
+        for name, rows in (('q_proj', q_rows), ('k_proj', k_rows), ('v_proj', v_rows)):
             _linear(plan, f'{prefix}.{name}', getattr(attn, name), rows, embed)
         return
     _linear(plan, f'{prefix}.qkv', attn.qkv, torch.cat([q_rows, q_rows + n, v_rows + 2 * n]), embed)
@@ -91,14 +99,16 @@ def qkv_plan(plan: Plan, prefix: str, attn: nn.Module, q_rows: torch.Tensor, v_r
         plan[f'{prefix}.v_bias'] = [(0, v_rows)]
 
 
-def qkv_fit_parts(attn: nn.Module, n_qk: int, n_v: int) -> List[Tuple[str, nn.Linear, torch.Tensor, Callable]]:
+def qkv_fit_parts(attn: nn.Module, n_qk: int, n_v: int, n_k: Optional[int] = None
+                  ) -> List[Tuple[str, nn.Linear, torch.Tensor, Callable]]:
     """The Linears a re-fit solves for, each as (name, layer, its columns of the kept [q | k | v] target,
     write-back). Layers that are not a module of `attn` (the split-bias layout) are temporary copies
     that the write-back puts into place; the zero key bias stays zero (timm's EvaAttention has none)."""
     layout = qkv_layout(attn)
-    q, k, v = (torch.arange(a, a + n) for a, n in ((0, n_qk), (n_qk, n_qk), (2 * n_qk, n_v)))
+    n_k = n_qk if n_k is None else n_k  # fewer k rows than q rows with grouped-query attention
+    q, k, v = (torch.arange(a, a + n) for a, n in ((0, n_qk), (n_qk, n_k), (n_qk + n_k, n_v)))
     if layout == 'fused':
-        return [('qkv', attn.qkv, torch.arange(2 * n_qk + n_v), lambda: None)]
+        return [('qkv', attn.qkv, torch.arange(n_qk + n_k + n_v), lambda: None)]
     if layout == 'separate':
         return [(name, getattr(attn, name), cols, lambda: None)
                 for name, cols in (('q_proj', q), ('k_proj', k), ('v_proj', v))]
@@ -222,19 +232,20 @@ class PrunedRopeAttention(nn.Module):
                  qkv_bias: Tuple[bool, bool, bool], proj_bias: bool, num_prefix_tokens: int, rotate_half: bool,
                  q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
                  norm: Optional[nn.Module] = None, gate_bias: Optional[bool] = None, attn_drop: float = 0.,
-                 proj_drop: float = 0., device=None, dtype=None):
+                 proj_drop: float = 0., num_kv_heads: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.num_heads, self.head_dim, self.qk_dim, self.v_dim = num_heads, head_dim, head_dim, v_dim
         self.scale = scale
         self.num_prefix_tokens = num_prefix_tokens
         self.rotate_half = rotate_half
-        n_qk, n_v = num_heads * head_dim, num_heads * v_dim
+        self.num_kv_heads = num_kv_heads or num_heads  # grouped-query attention: k and v have fewer heads
+        n_qk, n_v = num_heads * head_dim, self.num_kv_heads * v_dim
         self.qkv = self.q_proj = self.k_proj = self.v_proj = self.q_bias = self.v_bias = None
         self.register_buffer('k_bias', None, persistent=False)
         if layout == 'separate':
             self.q_proj = nn.Linear(dim, n_qk, bias=qkv_bias[0], **dd)
-            self.k_proj = nn.Linear(dim, n_qk, bias=qkv_bias[1], **dd)
+            self.k_proj = nn.Linear(dim, self.num_kv_heads * head_dim, bias=qkv_bias[1], **dd)
             self.v_proj = nn.Linear(dim, n_v, bias=qkv_bias[2], **dd)
         else:
             self.qkv = nn.Linear(dim, 2 * n_qk + n_v, bias=layout == 'fused' and qkv_bias[0], **dd)
@@ -246,8 +257,8 @@ class PrunedRopeAttention(nn.Module):
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm if norm is not None else nn.Identity()
-        self.gate = nn.Linear(dim, n_v, bias=gate_bias, **dd) if gate_bias is not None else None
-        self.proj = nn.Linear(n_v, dim, bias=proj_bias, **dd)
+        self.gate = nn.Linear(dim, num_heads * v_dim, bias=gate_bias, **dd) if gate_bias is not None else None
+        self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -261,15 +272,17 @@ class PrunedRopeAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         from timm.layers import apply_rot_embed_cat
         B, N, _ = x.shape
-        H, d, dv = self.num_heads, self.head_dim, self.v_dim
+        H, Hkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_dim
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = qkv_output(self, x).split([H * d, H * d, H * dv], dim=-1)
-        q, k = self.q_norm(q.view(B, N, H, d).transpose(1, 2)), self.k_norm(k.view(B, N, H, d).transpose(1, 2))
-        v = v.view(B, N, H, dv).transpose(1, 2)
+        q, k, v = qkv_output(self, x).split([H * d, Hkv * d, Hkv * dv], dim=-1)
+        q, k = self.q_norm(q.view(B, N, H, d).transpose(1, 2)), self.k_norm(k.view(B, N, Hkv, d).transpose(1, 2))
+        v = v.view(B, N, Hkv, dv).transpose(1, 2)
         if rope is not None:
             npt = self.num_prefix_tokens
             q, k = (torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=self.rotate_half)],
                               dim=2).type_as(v) for t in (q, k))
+        if Hkv != H:  # query head h uses key/value head h // (H / Hkv), as in timm
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                                            dropout_p=self.attn_drop.p if self.training else 0.)
         x = self.norm(x.transpose(1, 2).reshape(B, N, H * dv))

@@ -94,7 +94,7 @@ class Selection:
             heads = t(b['heads']) if 'heads' in b else None  # recipes before head pruning: all heads
             n = len(b['qk'])
             # a dropped attention has (0, 0) selections, which JSON stores as []
-            per_head = lambda x: t(x).reshape(n, -1) if n else torch.zeros(0, 0, dtype=torch.long)  # noqa: E731
+            per_head = lambda x: t(x).reshape(len(x), -1) if n else torch.zeros(0, 0, dtype=torch.long)  # noqa: E731
             blocks.append(BlockSelection(per_head(b['qk']), per_head(b['v']), t(b['mlp']), heads))
         return cls(t(d['embed']), blocks)
 
@@ -234,9 +234,6 @@ def check_supported(model: nn.Module, allow_pruned: bool = False) -> None:
                 else f'a {type(blk.attn).__name__}'
             raise UnsupportedModelError(f'blocks.{i}.attn is {what}; only timm '
                                         f'{" / ".join(t.__name__ for t in attn_types)} is supported')
-        if getattr(blk.attn, 'num_kv_groups', 1) != 1:
-            raise UnsupportedModelError(f'blocks.{i}.attn uses grouped-query attention (num_kv_heads < num_heads), '
-                                        'which is not supported')
         roles.check_mlp(blk.mlp, f'blocks.{i}.mlp', UnsupportedModelError)
 
 
@@ -337,11 +334,12 @@ def block_plan(model: nn.Module, i: int, sel: BlockSelection, embed: torch.Tenso
     p = f'blocks.{i}'
     q_rows = _head_rows(sel.qk, d, heads=sel.heads)
     v_cols = _head_rows(sel.v, d, heads=sel.heads)
-    qkv_rows = torch.cat([q_rows, q_rows + h * d, v_cols + 2 * h * d])
+    g = roles.kv_groups(attn)  # grouped-query attention: v rows per value head, proj columns per query head
+    v_rows, v_cols = v_cols, (v_cols if g == 1 else _head_rows(sel.v.repeat_interleave(g, 0), d))
     plan: Plan = {}
     _norm_plan(plan, f'{p}.norm1', blk.norm1, embed)
     _norm_plan(plan, f'{p}.norm2', blk.norm2, embed)
-    roles.qkv_plan(plan, f'{p}.attn', attn, q_rows, v_cols, embed)
+    roles.qkv_plan(plan, f'{p}.attn', attn, q_rows, v_rows, embed)
     if not isinstance(getattr(attn, 'norm', nn.Identity()), nn.Identity):
         _norm_plan(plan, f'{p}.attn.norm', attn.norm, v_cols)
     if getattr(attn, 'gate', None) is not None:
@@ -446,8 +444,8 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
                 qkv_bias=roles.qkv_biases(a),
                 proj_bias=a.proj.bias is not None, num_prefix_tokens=a.num_prefix_tokens,
                 rotate_half=bool(getattr(a, 'rotate_half', False)), q_norm=q_norm, k_norm=k_norm, norm=norm,
-                gate_bias=gate_bias, attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p, device='meta',
-                dtype=a.proj.weight.dtype)
+                gate_bias=gate_bias, attn_drop=a.attn_drop.p, proj_drop=a.proj_drop.p,
+                num_kv_heads=getattr(a, 'num_kv_heads', None), device='meta', dtype=a.proj.weight.dtype)
         else:
             relpos = {'rel_pos': a.rel_pos} if hasattr(a, 'rel_pos') else {}
             if relpos and bd.heads != od.heads:
