@@ -6,6 +6,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
+
+namespace snp_fast {
+std::string gram_blas_syrk(bool enable);  // csrc/cpu/gram_cpu.cpp
+}
+
 TORCH_LIBRARY(snp_fast, m) {
   // Q/K attention-score preservation scores, (B, H, N, d) q and k -> (H, d) float32, summed over B.
   m.def("qk_scores(Tensor q, Tensor k, int gamma) -> Tensor");
@@ -24,4 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("gram_blas_syrk", &snp_fast::gram_blas_syrk, pybind11::arg("enable") = true,
+        "Name of the BLAS syrk the CPU gram kernel calls ('' = none: GEMM panels); enable=False switches "
+        "it off (and returns '').");
 }

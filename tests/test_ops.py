@@ -204,6 +204,7 @@ def check_gram(x, backend):
     torch_err = (reference.gram_full(x) - want).abs().max().item()
     tol = 2 * torch_err + 4 * EPS32 * want.abs().max().item()
     assert_close_verbose(got, want, tol, f'gram[{backend}] {tuple(x.shape)} {x.dtype}')
+    assert torch.equal(got, got.t()), f'gram[{backend}] {tuple(x.shape)}: result is not exactly symmetric'
 
 
 @pytest.mark.parametrize('backend', backends_for('gram') or ['cpu'])
@@ -227,6 +228,23 @@ def test_gram_low_precision_and_accumulate(dtype):
         acc = torch.ones(300, 300)
         ops.gram(x, out=acc, backend=backend)
         assert_close_verbose(acc, 1 + x.double().t() @ x.double(), 1e-3, f'gram out= [{backend}]')
+
+
+@pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
+def test_gram_cpu_blas_syrk_and_fallback():
+    """The CPU kernel calls torch's BLAS syrk when the build exports one (MKL on x86_64) and falls back
+    to GEMM panels otherwise: both paths equal the reference."""
+    from snp_fast import _C
+    name = _C.gram_blas_syrk()
+    if torch.backends.mkl.is_available():
+        assert name == 'mkl_blas_ssyrk'
+    try:
+        assert _C.gram_blas_syrk(False) == ''
+        for shape in GRAM_SHAPES:
+            check_gram(torch.randn(shape), 'cpu')
+    finally:
+        _C.gram_blas_syrk(True)
+    assert _C.gram_blas_syrk() == name
 
 
 def test_gram_noncontiguous_input():

@@ -1,19 +1,75 @@
 // Gram matrix G = xᵀx (float32) of a (T, m) input on the CPU, as a symmetric rank-k update.
 //
-// Columns are cut into blocks of b; block row I of the upper triangle, G[I, I:] = x[:, I]ᵀ x[:, I:], is one
-// BLAS GEMM (column slices of x are strided views: no copies) written straight into G; the lower
-// triangle is then mirrored. The products done are (nb(nb+1)/2)/nb² of the full xᵀx (nb = ceil(m/b));
-// each GEMM keeps a long N dimension, so BLAS (multi-threaded) runs them at full-matrix efficiency.
+// Fast path: the BLAS that torch was built with, when it exports a syrk (MKL in the x86 wheels exports
+// mkl_blas_ssyrk, OpenBLAS builds ssyrk_): one call computes one triangle, half the products of xᵀx at
+// full GEMM efficiency. The symbol is looked up at run time in the already loaded torch libraries, so the
+// extension links and loads the same against any torch build.
+// Fallback: columns cut into blocks of b; block row I of the upper triangle, G[I, I:] = x[:, I]ᵀ x[:, I:],
+// is one GEMM (column slices of x are strided views: no copies) written straight into G:
+// (nb(nb+1)/2)/nb² of the products (nb = ceil(m/b)).
+// Either way the other triangle is then mirrored.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <string>
 
 namespace {
 
-int64_t block_size(int64_t m) {
-  if (m <= 256) return m;
-  return 256;
+// Fortran BLAS ssyrk. Integers are passed as int64: on little-endian machines an LP64 BLAS reads the low
+// 32 bits of the same storage, so this is right for LP64 and ILP64 builds alike (values < 2^31 checked).
+using syrk_fn = void (*)(const char* uplo, const char* trans, const int64_t* n, const int64_t* k,
+                         const float* alpha, const float* a, const int64_t* lda, const float* beta, float* c,
+                         const int64_t* ldc);
+
+const char* syrk_name = "";
+
+syrk_fn find_syrk() {
+  for (const char* lib : {"libtorch_cpu.so", "libtorch.so"}) {
+    void* h = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD);  // only libraries torch already loaded
+    if (h == nullptr) continue;
+    for (const char* sym : {"mkl_blas_ssyrk", "ssyrk_"}) {
+      if (void* f = dlsym(h, sym)) {
+        syrk_name = sym;
+        return reinterpret_cast<syrk_fn>(f);
+      }
+    }
+  }
+  return nullptr;
+}
+
+syrk_fn blas_syrk_found() {
+  static const syrk_fn fn = find_syrk();
+  return fn;
+}
+
+std::atomic<bool> syrk_enabled{true};  // tests switch it off to check the GEMM-panel fallback
+
+syrk_fn blas_syrk() { return syrk_enabled.load() ? blas_syrk_found() : nullptr; }
+
+int64_t block_size(int64_t m) { return std::min<int64_t>(m, 256); }
+
+// Fill one triangle of g from the other, block by block in parallel. `from_lower`: the lower triangle is
+// the computed one (syrk), whose diagonal blocks are only half filled; otherwise the upper block rows were
+// computed whole (GEMM panels), diagonal blocks included.
+void mirror(at::Tensor& g, bool from_lower) {
+  const int64_t m = g.size(0), b = block_size(m), nb = (m + b - 1) / b;
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t J = begin; J < end; ++J) {
+      const int64_t j0 = J * b, nj = std::min(b, m - j0);
+      if (from_lower) {
+        auto d = g.narrow(0, j0, nj).narrow(1, j0, nj);
+        d.copy_(d.tril() + d.tril(-1).t());
+        if (j0 > 0) g.narrow(0, 0, j0).narrow(1, j0, nj).copy_(g.narrow(0, j0, nj).narrow(1, 0, j0).t());
+      } else if (j0 > 0) {
+        g.narrow(0, j0, nj).narrow(1, 0, j0).copy_(g.narrow(0, 0, j0).narrow(1, j0, nj).t());
+      }
+    }
+  });
 }
 
 at::Tensor gram_cpu(const at::Tensor& x) {
@@ -21,30 +77,39 @@ at::Tensor gram_cpu(const at::Tensor& x) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gram: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), "gram (CPU kernel): x must be a CPU tensor");
   const int64_t T = x.size(0), m = x.size(1);
-  auto xf = x.to(at::kFloat);
-  if (xf.stride(1) != 1) xf = xf.contiguous();  // column slices must be BLAS-compatible views
+  auto xf = x.to(at::kFloat).contiguous();  // row-major, so column slices are BLAS-compatible views
   auto g = at::empty({m, m}, x.options().dtype(at::kFloat));
   if (m == 0) return g;
   if (T == 0) return g.zero_();
   const int64_t b = block_size(m);
-  const int64_t nb = (m + b - 1) / b;
-  if (nb == 1) return at::mm(xf.t(), xf);
+  if (m == b) return at::mm(xf.t(), xf);  // one block: no triangle to save
+  if (syrk_fn syrk = blas_syrk(); syrk != nullptr && T < (int64_t{1} << 31) && m < (int64_t{1} << 31)) {
+    // row-major x (T, m) is the column-major m×T matrix A = xᵀ, so C = A Aᵀ = xᵀx ('N'). The column-major
+    // upper triangle C[i, j] (i <= j) is stored at g[j][i]: the row-major LOWER triangle of g.
+    const float alpha = 1.f, beta = 0.f;
+    const int64_t n = m, k = T, lda = m, ldc = m;
+    syrk("U", "N", &n, &k, &alpha, xf.data_ptr<float>(), &lda, &beta, g.data_ptr<float>(), &ldc);
+    mirror(g, /*from_lower=*/true);
+    return g;
+  }
   for (int64_t i0 = 0; i0 < m; i0 += b) {
     const int64_t ni = std::min(b, m - i0);
     auto panel = g.narrow(0, i0, ni).narrow(1, i0, m - i0);
     at::mm_out(panel, xf.narrow(1, i0, ni).t(), xf.narrow(1, i0, m - i0));
   }
-  // mirror the strictly-lower blocks from the upper ones
-  at::parallel_for(1, nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t J = begin; J < end; ++J) {
-      const int64_t j0 = J * b, nj = std::min(b, m - j0);
-      g.narrow(0, j0, nj).narrow(1, 0, j0).copy_(g.narrow(0, 0, j0).narrow(1, j0, nj).t());
-    }
-  });
+  mirror(g, /*from_lower=*/false);
   return g;
 }
 
 }  // namespace
+
+namespace snp_fast {
+// The BLAS syrk the CPU gram uses ("" = none found: GEMM panels); `enable` switches it (for tests).
+std::string gram_blas_syrk(bool enable) {
+  syrk_enabled.store(enable);
+  return blas_syrk() != nullptr ? syrk_name : "";
+}
+}  // namespace snp_fast
 
 TORCH_LIBRARY_IMPL(snp_fast, CPU, m) {
   m.impl("gram", &gram_cpu);
