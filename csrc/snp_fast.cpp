@@ -7,10 +7,9 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
-namespace snp_fast {
-std::string gram_blas_syrk(bool enable);  // csrc/cpu/gram_cpu.cpp
-}
+#include "cpu/blas.h"
 
 TORCH_LIBRARY(snp_fast, m) {
   // Q/K attention-score preservation scores, (B, H, N, d) q and k -> (H, d) float32, summed over B.
@@ -30,7 +29,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("gram_blas_syrk", &snp_fast::gram_blas_syrk, pybind11::arg("enable") = true,
-        "Name of the BLAS syrk the CPU gram kernel calls ('' = none: GEMM panels); enable=False switches "
-        "it off (and returns '').");
+  m.def(
+      "blas_syrk",
+      [](bool enable) {
+        namespace blas = snp_fast::blas;
+        blas::syrk_enabled().store(enable);
+        return std::make_pair(std::string(blas::ssyrk() ? blas::ssyrk_found().name : ""),
+                              std::string(blas::dsyrk() ? blas::dsyrk_found().name : ""));
+      },
+      pybind11::arg("enable") = true,
+      "(float, double) BLAS syrk symbols the CPU gram and qk_scores kernels call ('' = none: GEMMs); "
+      "enable=False switches them off (tests of the fallbacks).");
 }

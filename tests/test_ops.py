@@ -128,6 +128,24 @@ def test_qk_scores_degenerate(case):
         check_qk(q, k, (1, 4, q.shape[-1]), backend)
 
 
+@pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
+def test_qk_scores_cpu_without_blas_syrk_and_strided_inputs():
+    """The CPU kernel forms its Grams by torch's BLAS dsyrk when found, else by batched GEMM: both equal
+    the oracle, also for float64 inputs that are strided views (as q, k sliced out of a qkv output are)."""
+    from snp_fast import _C
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(3, 50, 3, 2, 32, generator=gen, dtype=torch.float64)   # (B, N, 3, H, d)
+    q, k = qkv[:, :, 0].permute(0, 2, 1, 3), qkv[:, :, 1].permute(0, 2, 1, 3)
+    cases = [(q, k), (q.float(), k.float()), *[(c[0], c[1]) for c in list(_degenerate_cases().values())[:4]]]
+    try:
+        for enabled in (True, False):
+            _C.blas_syrk(enabled)
+            for qc, kc in cases:
+                check_qk(qc, kc, (1, qc.shape[-1] // 2), 'cpu')
+    finally:
+        _C.blas_syrk(True)
+
+
 def test_qk_scores_helpers_match_reference():
     q, k = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
     want = qk_oracle(q, k, 8)
@@ -235,16 +253,16 @@ def test_gram_cpu_blas_syrk_and_fallback():
     """The CPU kernel calls torch's BLAS syrk when the build exports one (MKL on x86_64) and falls back
     to GEMM panels otherwise: both paths equal the reference."""
     from snp_fast import _C
-    name = _C.gram_blas_syrk()
+    names = _C.blas_syrk()
     if torch.backends.mkl.is_available():
-        assert name == 'mkl_blas_ssyrk'
+        assert names == ('mkl_blas_ssyrk', 'mkl_blas_dsyrk')
     try:
-        assert _C.gram_blas_syrk(False) == ''
+        assert _C.blas_syrk(False) == ('', '')
         for shape in GRAM_SHAPES:
             check_gram(torch.randn(shape), 'cpu')
     finally:
-        _C.gram_blas_syrk(True)
-    assert _C.gram_blas_syrk() == name
+        _C.blas_syrk(True)
+    assert _C.blas_syrk() == names
 
 
 def test_gram_noncontiguous_input():

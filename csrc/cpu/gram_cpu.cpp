@@ -1,9 +1,7 @@
 // Gram matrix G = xᵀx (float32) of a (T, m) input on the CPU, as a symmetric rank-k update.
 //
-// Fast path: the BLAS that torch was built with, when it exports a syrk (MKL in the x86 wheels exports
-// mkl_blas_ssyrk, OpenBLAS builds ssyrk_): one call computes one triangle, half the products of xᵀx at
-// full GEMM efficiency. The symbol is looked up at run time in the already loaded torch libraries, so the
-// extension links and loads the same against any torch build.
+// Fast path: torch's own BLAS syrk when its build exports one (blas.h): one call computes one triangle,
+// half the products of xᵀx at full GEMM efficiency.
 // Fallback: columns cut into blocks of b; block row I of the upper triangle, G[I, I:] = x[:, I]ᵀ x[:, I:],
 // is one GEMM (column slices of x are strided views: no copies) written straight into G:
 // (nb(nb+1)/2)/nb² of the products (nb = ceil(m/b)).
@@ -11,45 +9,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <dlfcn.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <string>
 
+#include "blas.h"
+
 namespace {
-
-// Fortran BLAS ssyrk. Integers are passed as int64: on little-endian machines an LP64 BLAS reads the low
-// 32 bits of the same storage, so this is right for LP64 and ILP64 builds alike (values < 2^31 checked).
-using syrk_fn = void (*)(const char* uplo, const char* trans, const int64_t* n, const int64_t* k,
-                         const float* alpha, const float* a, const int64_t* lda, const float* beta, float* c,
-                         const int64_t* ldc);
-
-const char* syrk_name = "";
-
-syrk_fn find_syrk() {
-  for (const char* lib : {"libtorch_cpu.so", "libtorch.so"}) {
-    void* h = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD);  // only libraries torch already loaded
-    if (h == nullptr) continue;
-    for (const char* sym : {"mkl_blas_ssyrk", "ssyrk_"}) {
-      if (void* f = dlsym(h, sym)) {
-        syrk_name = sym;
-        return reinterpret_cast<syrk_fn>(f);
-      }
-    }
-  }
-  return nullptr;
-}
-
-syrk_fn blas_syrk_found() {
-  static const syrk_fn fn = find_syrk();
-  return fn;
-}
-
-std::atomic<bool> syrk_enabled{true};  // tests switch it off to check the GEMM-panel fallback
-
-syrk_fn blas_syrk() { return syrk_enabled.load() ? blas_syrk_found() : nullptr; }
 
 int64_t block_size(int64_t m) { return std::min<int64_t>(m, 256); }
 
@@ -83,12 +49,8 @@ at::Tensor gram_cpu(const at::Tensor& x) {
   if (T == 0) return g.zero_();
   const int64_t b = block_size(m);
   if (m == b) return at::mm(xf.t(), xf);  // one block: no triangle to save
-  if (syrk_fn syrk = blas_syrk(); syrk != nullptr && T < (int64_t{1} << 31) && m < (int64_t{1} << 31)) {
-    // row-major x (T, m) is the column-major m×T matrix A = xᵀ, so C = A Aᵀ = xᵀx ('N'). The column-major
-    // upper triangle C[i, j] (i <= j) is stored at g[j][i]: the row-major LOWER triangle of g.
-    const float alpha = 1.f, beta = 0.f;
-    const int64_t n = m, k = T, lda = m, ldc = m;
-    syrk("U", "N", &n, &k, &alpha, xf.data_ptr<float>(), &lda, &beta, g.data_ptr<float>(), &ldc);
+  if (auto syrk = snp_fast::blas::ssyrk(); syrk != nullptr && T < (int64_t{1} << 31) && m < (int64_t{1} << 31)) {
+    snp_fast::blas::syrk_lower(syrk, xf.data_ptr<float>(), T, m, m, g.data_ptr<float>());
     mirror(g, /*from_lower=*/true);
     return g;
   }
@@ -102,14 +64,6 @@ at::Tensor gram_cpu(const at::Tensor& x) {
 }
 
 }  // namespace
-
-namespace snp_fast {
-// The BLAS syrk the CPU gram uses ("" = none found: GEMM panels); `enable` switches it (for tests).
-std::string gram_blas_syrk(bool enable) {
-  syrk_enabled.store(enable);
-  return blas_syrk() != nullptr ? syrk_name : "";
-}
-}  // namespace snp_fast
 
 TORCH_LIBRARY_IMPL(snp_fast, CPU, m) {
   m.impl("gram", &gram_cpu);

@@ -3,7 +3,8 @@
 // Per (image, head), with Q, K the (N, d) queries and keys, S = Q Kᵀ = Σ_j σ_j u_j v_jᵀ and
 //     ω_i = Σ_{j<γ, σ_j > 1e-4 σ_1} |cos(u_j, q_i) · cos(v_j, k_i)|.
 // Route (everything after the Grams is d×d work in float64, one matrix per task of at::parallel_for):
-//   1. G_q = QᵀQ, G_k = KᵀK in float64 by batched BLAS (images processed in chunks to bound memory).
+//   1. G_q = QᵀQ, G_k = KᵀK in float64: per task by torch's BLAS dsyrk when it exports one (blas.h),
+//      else by batched GEMM (images processed in chunks to bound memory).
 //   2. R with RᵀR = G_q by pivoted Cholesky (r × d, r = numerical rank of Q; stops when the largest
 //      remaining pivot is ≤ 1e-12·max diag(G_q), far below anything that reaches the σ threshold).
 //      Then Q = A R with A orthonormal, and S Sᵀ = A (R G_k Rᵀ) Aᵀ: the left singular vectors of S
@@ -23,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "blas.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // One build runs everywhere; the hot d×d code gets an AVX-512 and an AVX2 clone chosen at load time.
@@ -428,13 +431,34 @@ at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma
   double* out = out64.data_ptr<double>();
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
-    auto qd = q.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
-    auto kd = k.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
+    auto qd = q.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d}).contiguous();
+    auto kd = k.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d}).contiguous();
+    double* outc = out + b0 * H * d;
+    if (auto syrk = snp_fast::blas::dsyrk(); syrk != nullptr && N < (int64_t{1} << 31)) {
+      // each task forms its own two Grams by syrk (half the products of a GEMM), while its Q, K are in cache
+      const double* qp = qd.data_ptr<double>();
+      const double* kp = kd.data_ptr<double>();
+      at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
+        Work w(d);
+        std::vector<double> gq(d * d), gk(d * d);
+        for (int64_t t = begin; t < end; ++t) {
+          snp_fast::blas::syrk_lower(syrk, qp + t * N * d, N, d, d, gq.data());
+          snp_fast::blas::syrk_lower(syrk, kp + t * N * d, N, d, d, gk.data());
+          for (int64_t i = 0; i < d; ++i) {
+            for (int64_t j = i + 1; j < d; ++j) {
+              gq[i * d + j] = gq[j * d + i];
+              gk[i * d + j] = gk[j * d + i];
+            }
+          }
+          qk_one(gq.data(), gk.data(), d, g, outc + t * d, w);
+        }
+      });
+      continue;
+    }
     auto gq = at::matmul(qd.transpose(1, 2), qd).contiguous();
     auto gk = at::matmul(kd.transpose(1, 2), kd).contiguous();
     const double* gqp = gq.data_ptr<double>();
     const double* gkp = gk.data_ptr<double>();
-    double* outc = out + b0 * H * d;
     at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
       Work w(d);
       for (int64_t t = begin; t < end; ++t) qk_one(gqp + t * d * d, gkp + t * d * d, d, g, outc + t * d, w);
