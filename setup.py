@@ -39,16 +39,17 @@ def _extensions():
     debug = os.environ.get('SNP_FAST_DEBUG') == '1'
     cxx = ['-O3', '-std=c++20', '-fopenmp'] + ([] if debug else ['-g0'])
     sources = _sources('csrc/*.cpp') + _sources('csrc/cpu/*.cpp')
+    link = ['-fopenmp', '-ldl']  # dl: csrc/cpu/blas.h looks torch's BLAS syrk up with dlsym
     if _want_cuda():
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '9.0')
         ext = CUDAExtension(
             'snp_fast._C', sources + _sources('csrc/cuda/*.cu'),
             define_macros=[('SNP_FAST_WITH_CUDA', '1')],
             extra_compile_args={'cxx': cxx, 'nvcc': ['-O3', '-std=c++20', '--use_fast_math'] + ([] if debug else ['-Xcompiler', '-g0'])},
-            extra_link_args=['-fopenmp'],
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension('snp_fast._C', sources, extra_compile_args={'cxx': cxx}, extra_link_args=['-fopenmp'])
+        ext = CppExtension('snp_fast._C', sources, extra_compile_args={'cxx': cxx}, extra_link_args=link)
     return [ext], {'build_ext': BuildExtension.with_options(use_ninja=True)}
 
 

@@ -16,11 +16,14 @@ cmake -S . -B "$tmp/cmake" -DSNP_FAST_BUILD_CUDA=OFF -DPython3_EXECUTABLE="$PY" 
 import glob, importlib.util, sys, torch
 path = glob.glob(sys.argv[1] + '/_C*.so')[0]
 spec = importlib.util.spec_from_file_location('snp_fast._C', path)
-spec.loader.exec_module(importlib.util.module_from_spec(spec))
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+x = torch.randn(40, 300)
+assert torch.allclose(torch.ops.snp_fast.gram(x), x.t() @ x, atol=1e-3), 'cmake build: gram differs from xᵀx'
 w = torch.randn(5, 4)
 out = torch.ops.snp_fast.gather_slices([w], [0], [torch.tensor([4, 1])], [1], [None])
 assert torch.equal(out[0], w[[4, 1]])
-print('cmake build ok:', path)
+print('cmake build ok:', path, 'BLAS syrk (float, double):', mod.blas_syrk())
 PYEOF
 
 SNP_FAST_BUILD_CUDA=0 "$PY" -m pip wheel -q --no-build-isolation --no-deps . -w "$tmp/wheels" > "$tmp/wheel.log" 2>&1 \

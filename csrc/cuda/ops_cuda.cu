@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "../gather_checks.h"
+
 namespace {
 
 constexpr int64_t kBlock = 1024;  // block-row height: few, large cuBLAS GEMMs
@@ -60,26 +62,16 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& w) {
 
 std::vector<at::Tensor> gather_slices_cuda(at::TensorList src, at::IntArrayRef dim_a, at::TensorList idx_a,
                                            at::IntArrayRef dim_b, const c10::List<std::optional<at::Tensor>>& idx_b) {
+  snp_fast::check_gather_args(src, dim_a, idx_a, dim_b, idx_b);
   const size_t n = src.size();
-  TORCH_CHECK(dim_a.size() == n && idx_a.size() == n && dim_b.size() == n && idx_b.size() == n,
-              "gather_slices: src, dim_a, idx_a, dim_b and idx_b must have the same length");
   std::vector<at::Tensor> out(n);
   if (n == 0) return out;
   const c10::cuda::CUDAGuard guard(src[0].device());
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(dim_a[i] >= 0 && dim_a[i] < src[i].dim(), "gather_slices: tensor ", i, " has ", src[i].dim(),
-                " dims, slice dim ", dim_a[i], " is out of range");
-    TORCH_CHECK(idx_a[i].dim() == 1 && idx_a[i].scalar_type() == at::kLong,
-                "gather_slices: indices for tensor ", i, " must be a 1-D int64 tensor");
     // index_select checks the index range on the device (an out-of-range index raises)
     at::Tensor t = src[i].index_select(dim_a[i], idx_a[i].to(src[i].device()));
     const std::optional<at::Tensor> b = idx_b.get(i);
-    if (b.has_value()) {
-      TORCH_CHECK(dim_b[i] != dim_a[i], "gather_slices: tensor ", i, " slices dim ", dim_a[i], " twice");
-      TORCH_CHECK(dim_b[i] >= 0 && dim_b[i] < src[i].dim(), "gather_slices: tensor ", i, " slice dim ", dim_b[i],
-                  " is out of range");
-      t = t.index_select(dim_b[i], b->to(src[i].device()));
-    }
+    if (b.has_value()) t = t.index_select(dim_b[i], b->to(src[i].device()));
     out[i] = t.contiguous();
   }
   return out;
