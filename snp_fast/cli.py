@@ -204,9 +204,19 @@ def _model_kwargs(text: Optional[str]) -> dict:
     return kw
 
 
+def check_supported(model) -> None:
+    """The model family's own structure check (ViT family or EfficientFormer)."""
+    from .models import efficientformer, vit
+    (efficientformer if efficientformer.is_efficientformer(model) else vit).check_supported(model)
+
+
+def _is_efficientformer(model) -> bool:
+    from .models import efficientformer
+    return efficientformer.is_efficientformer(model)
+
+
 def _create_model(name: str, kwargs: dict, pretrained: bool = False, device='meta'):
     import timm
-    from .models.vit import check_supported
     if os.path.sep in name or os.path.exists(name):
         raise UsageError(f'MODEL {name!r} is a path, not a timm model name')
     if not timm.is_model(name):
@@ -233,7 +243,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _create_pretrained(name: str, kwargs: dict):
     import timm
-    from .models.vit import check_supported
     offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('', '0', 'false', 'False') or not _hub_reachable()
     hc = saved = None
     saved_env = os.environ.get('HF_HUB_OFFLINE')
@@ -316,6 +325,8 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
     from .ratios import resolve_ratios
     if args.round_to < 1:
         raise UsageError(f'--round-to must be >= 1, got {args.round_to}')
+    if _is_efficientformer(model):
+        return _efficientformer_ratio_spec(args, model)
     depth = len(model_dims(model).blocks)
     if args.flops or args.params:
         flag, metric, text = ('--flops', 'macs', args.flops) if args.flops else ('--params', 'params', args.params)
@@ -364,6 +375,33 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
     return resolved, (args.preset or None), None
 
 
+def _efficientformer_ratio_spec(args, model):
+    """--preset / --ratios for an EfficientFormer, checked against its stages and MetaBlocks (prune() resolves
+    them again); the MACs allocator (--flops/--params) and --round-to are ViT-only."""
+    from .models import efficientformer
+    if args.flops or args.params or args.round_to > 1:
+        flag = '--flops' if args.flops else '--params' if args.params else '--round-to'
+        raise UsageError(f'{flag} is not available for EfficientFormer (the allocator knows the ViT family only); '
+                         'use --preset efficientformer_l1_0p6G / _0p5G or --ratios')
+    if args.preset:
+        spec, where = args.preset, f'--preset {args.preset}'
+    else:
+        where = f'--ratios {args.ratios}'
+        try:
+            if os.path.isfile(args.ratios):
+                with open(args.ratios) as f:
+                    spec = json.load(f)
+            else:
+                spec = json.loads(args.ratios)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f'{where}: neither a JSON file nor inline JSON ratios: {e}') from None
+    try:
+        efficientformer.resolve_ratios(spec, efficientformer.model_dims(model))
+    except ValueError as e:
+        raise UsageError(f'{where}: {e}') from None
+    return spec, (args.preset or None), None
+
+
 def _resolve_device(name: str):
     import torch
     if name == 'auto':
@@ -394,8 +432,10 @@ class _BlockProgress:
 
     def __init__(self, model, enabled: bool):
         from tqdm import tqdm
-        self.bar = tqdm(total=len(model.blocks), desc='pruning blocks', unit='block', disable=not enabled, leave=False)
-        self.handles = [blk.register_forward_pre_hook(self._hook(i)) for i, blk in enumerate(model.blocks)]
+        blocks = getattr(model, 'blocks', None) or []  # EfficientFormer has stages: no bar
+        self.bar = tqdm(total=len(blocks), desc='pruning blocks', unit='block', disable=not enabled or not blocks,
+                        leave=False)
+        self.handles = [blk.register_forward_pre_hook(self._hook(i)) for i, blk in enumerate(blocks)]
 
     def _hook(self, i):
         def hook(_m, _inp):
@@ -441,6 +481,8 @@ def cmd_prune(args) -> int:
     t_start = time.perf_counter()
 
     meta = _create_model(args.model, kwargs, device='meta')  # cheap: fail fast on bad names/ratios/targets
+    if args.plot and _is_efficientformer(meta):
+        raise UsageError('--plot draws ViT CLS attention maps; it is not available for EfficientFormer')
     ratios, preset, alloc = _ratio_spec(args, meta)
     if alloc is not None:
         _log(alloc.describe())
@@ -646,22 +688,16 @@ def _fmt_bytes(n: int) -> str:
     return f'{n} B'
 
 
-def cmd_inspect(args) -> int:
+def _inspect_vit(directory: str, recipe: dict) -> None:
     import timm
     from .allocate import dims_cost
-    from .io import load_recipe, RecipeError
+    from .io import RecipeError
     from .models.vit import ModelDims
-    if not os.path.isdir(args.dir):
-        raise UsageError(f'DIR {args.dir}: no such directory')
-    recipe = load_recipe(args.dir)
     try:
         before, after = ModelDims.from_dict(recipe['dims_before']), ModelDims.from_dict(recipe['dims_after'])
     except (KeyError, TypeError, ValueError) as e:
-        raise RecipeError(f'{args.dir}/recipe.json: malformed dims: {e}') from None
-    name, kw = recipe.get('timm_name'), recipe.get('timm_kwargs') or {}
-    print(f'{args.dir}: {name} pruned with snp_fast {recipe.get("snp_fast_version", "?")} ({recipe.get("format")})')
-    if kw:
-        print('timm kwargs: ' + json.dumps(kw))
+        raise RecipeError(f'{directory}/recipe.json: malformed dims: {e}') from None
+    name, kw = _inspect_header(directory, recipe)
     try:
         meta = timm.create_model(name, pretrained=False, device='meta', **kw)
         costs = {m: (dims_cost(meta, before, m), dims_cost(meta, after, m)) for m in ('params', 'macs')}
@@ -673,6 +709,46 @@ def cmd_inspect(args) -> int:
     print(f'{"block":>5} {"heads":>5} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}')
     for i, (x, y) in enumerate(zip(before.blocks, after.blocks)):
         print(f'{i:>5} {y.heads:>5} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} {x.mlp:>4} -> {y.mlp:<5}')
+
+
+def _inspect_efficientformer(directory: str, recipe: dict) -> None:
+    import timm
+    from .io import RecipeError
+    from .macs import count_macs, count_params, meta_copy
+    from .models import efficientformer as ef
+    try:
+        before, after = ef.EfficientFormerDims.from_dict(recipe['dims_before']), \
+            ef.EfficientFormerDims.from_dict(recipe['dims_after'])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecipeError(f'{directory}/recipe.json: malformed dims: {e}') from None
+    name, kw = _inspect_header(directory, recipe)
+    try:
+        meta = timm.create_model(name, pretrained=False, device='meta', **kw)
+        small = ef.apply_dims(meta_copy(meta), after)
+        sizes = (count_params(meta), count_params(small), count_macs(meta), count_macs(small))
+    except Exception as e:  # noqa: BLE001 -- still print the widths
+        print(f'(cannot rebuild {name!r} to count params/MACs: {e})')
+        sizes = (1, 1, 1, 1)
+    print('\n'.join(ef.EfficientFormerReport(before, after, *sizes, times={}, settings={})._size_lines()))
+
+
+def _inspect_header(directory: str, recipe: dict):
+    name, kw = recipe.get('timm_name'), recipe.get('timm_kwargs') or {}
+    print(f'{directory}: {name} pruned with snp_fast {recipe.get("snp_fast_version", "?")} ({recipe.get("format")})')
+    if kw:
+        print('timm kwargs: ' + json.dumps(kw))
+    return name, kw
+
+
+def cmd_inspect(args) -> int:
+    from .io import load_recipe
+    if not os.path.isdir(args.dir):
+        raise UsageError(f'DIR {args.dir}: no such directory')
+    recipe = load_recipe(args.dir)
+    if recipe.get('family') == 'efficientformer':
+        _inspect_efficientformer(args.dir, recipe)
+    else:
+        _inspect_vit(args.dir, recipe)
     s = recipe.get('settings') or {}
     keys = ('preset', 'qk_criterion', 'v_criterion', 'mlp_criterion', 'embed_criterion', 'refit', 'calib_images', 'backend')
     print('settings: ' + ', '.join(f'{k}={s[k]}' for k in keys if k in s))

@@ -50,12 +50,8 @@ def load_digits_vit():
     return model.eval()
 
 
-def train_digits_vit(epochs: int = 80, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, **overrides):
-    """Train the digits ViT from scratch (deterministic for a seed); returns (model, data)."""
-    torch.manual_seed(seed)
-    data = digits_data(seed=seed)
-    x_tr, y_tr = data[0], data[1]
-    model = digits_vit(**overrides)
+def _train(model, x_tr, y_tr, epochs: int, seed: int, batch_size: int, lr: float, augment=None) -> None:
+    """The fixtures' training loop: AdamW + one-cycle schedule, shuffled batches from a seeded generator."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * ((len(y_tr) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -65,11 +61,21 @@ def train_digits_vit(epochs: int = 80, seed: int = 0, batch_size: int = 32, lr: 
         perm = torch.randperm(len(y_tr), generator=gen)
         for s in range(0, len(perm), batch_size):
             idx = perm[s:s + batch_size]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            xb = x_tr[idx] if augment is None else augment(x_tr[idx], gen)
+            loss = F.cross_entropy(model(xb), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+
+
+def train_digits_vit(epochs: int = 80, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, **overrides):
+    """Train the digits ViT from scratch (deterministic for a seed); returns (model, data)."""
+    torch.manual_seed(seed)
+    data = digits_data(seed=seed)
+    x_tr, y_tr = data[0], data[1]
+    model = digits_vit(**overrides)
+    _train(model, x_tr, y_tr, epochs, seed, batch_size, lr)
     return model.eval(), data
 
 
@@ -118,24 +124,13 @@ def train_faces_vit(epochs: int = 150, seed: int = 0, batch_size: int = 25, lr: 
     torch.manual_seed(seed)
     x_tr, y_tr, x_te, y_te = faces_data(seed=seed)
     model = faces_vit(**overrides)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * ((len(y_tr) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y_tr), generator=gen)
-        for s in range(0, len(perm), batch_size):
-            idx = perm[s:s + batch_size]
-            top, left, flip = torch.randint(0, 2, (3,), generator=gen).tolist()
-            xb = faces_crop(x_tr[idx], top, left)
-            if flip:
-                xb = xb.flip(-1)
-            loss = F.cross_entropy(model(xb), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+    def crop_and_flip(xb, gen):  # drawn after each batch's indices, from the same generator
+        top, left, flip = torch.randint(0, 2, (3,), generator=gen).tolist()
+        xb = faces_crop(xb, top, left)
+        return xb.flip(-1) if flip else xb
+
+    _train(model, x_tr, y_tr, epochs, seed, batch_size, lr, augment=crop_and_flip)
     return model.eval(), (faces_crop(x_tr), y_tr, faces_crop(x_te), y_te)
 
 

@@ -61,15 +61,7 @@ class PruneReport:
                 'notes': list(self.notes)}
 
     def summary(self) -> str:
-        b, a = self.dims_before, self.dims_after
-        lines = [f'params {self.params_before / 1e6:.2f}M -> {self.params_after / 1e6:.2f}M '
-                 f'({self.params_after / self.params_before:.1%}),  '
-                 f'MACs {self.macs_before / 1e9:.3f}G -> {self.macs_after / 1e9:.3f}G '
-                 f'({self.macs_after / self.macs_before:.1%}),  embed {b.embed} -> {a.embed}',
-                 f'{"block":>5} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
-        for i, (x, y) in enumerate(zip(b.blocks, a.blocks)):  # 0 heads / 0 fc1: the branch is dropped
-            lines.append(f'{i:>5} {x.heads:>2} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} '
-                         f'{x.mlp:>4} -> {y.mlp:<5}')
+        lines = self._size_lines()
         total = sum(self.times.values())
         lines.append('time: ' + ', '.join(f'{k} {v:.2f}s' for k, v in self.times.items() if v > 0)
                      + f'; total {total:.2f}s')
@@ -79,6 +71,22 @@ class PruneReport:
                          f'({worst[0]}, {worst[1].err_sliced:.3g} before)')
         lines += [f'note: {n}' for n in self.notes]
         return '\n'.join(lines)
+
+    def _totals(self) -> str:
+        return (f'params {self.params_before / 1e6:.2f}M -> {self.params_after / 1e6:.2f}M '
+                f'({self.params_after / self.params_before:.1%}),  '
+                f'MACs {self.macs_before / 1e9:.3f}G -> {self.macs_after / 1e9:.3f}G '
+                f'({self.macs_after / self.macs_before:.1%})')
+
+    def _size_lines(self) -> List[str]:
+        """Totals and the per-block widths (a model family's report may show other widths)."""
+        b, a = self.dims_before, self.dims_after
+        lines = [f'{self._totals()},  embed {b.embed} -> {a.embed}',
+                 f'{"block":>5} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
+        for i, (x, y) in enumerate(zip(b.blocks, a.blocks)):  # 0 heads / 0 fc1: the branch is dropped
+            lines.append(f'{i:>5} {x.heads:>2} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} '
+                         f'{x.mlp:>4} -> {y.mlp:<5}')
+        return lines
 
     def __str__(self) -> str:
         return self.summary()

@@ -135,6 +135,32 @@ def test_prune_deit_tiny_preset(work):
     assert rep['settings']['preset'] == 'deit_tiny_patch16_224'
 
 
+def test_prune_and_inspect_efficientformer(work):
+    """The second family through the command line: an EfficientFormer preset, then inspect of its recipe."""
+    out = work / 'out_ef'
+    r = run_cli('prune', 'efficientformer_l1', '--model-kwargs', '{"depths": [1, 1, 1, 2]}', '--ratios',
+                '{"qk": 0.25, "v": 0.25, "mlp": 0.25, "embed": 0.25}', '--num-calib', 2, '--no-refit',
+                '--out', out, '--quiet')
+    assert r.returncode == 0, r.stderr
+    recipe = json.loads((out / 'recipe.json').read_text())
+    assert recipe['family'] == 'efficientformer'
+    r = run_cli('inspect', out)
+    assert r.returncode == 0, r.stderr
+    assert 'stage widths [48, 96, 224, 448] -> [36, 72, 168, 336]' in r.stdout
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--flops', '0.6G'], '--flops is not available for EfficientFormer'),
+    (['--ratios', '{"qk": 0.5, "bogus": 1}'], 'unknown keys'),
+    (['--preset', 'deit_small_patch16_224'], 'not an EfficientFormer'),
+    (['--preset', 'efficientformer_l1_0p6G', '--plot'], '--plot draws ViT'),
+])
+def test_prune_efficientformer_bad_input(work, capsys, flags, message):
+    rc = cli.main(['prune', 'efficientformer_l1', *flags, '--out', str(work / 'never')])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (work / 'never').exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # inspect, export, bench
 

@@ -492,34 +492,19 @@ def _check_calib(model: nn.Module, calib) -> torch.Tensor:
 class EfficientFormerReport(PruneReport):
     """PruneReport whose summary shows stage widths and the widths of every MetaBlock."""
 
-    def summary(self) -> str:
-        return _summary(self)
-
-
-def _summary(report) -> str:
-    b, a = report.dims_before, report.dims_after
-    lines = [f'params {report.params_before / 1e6:.2f}M -> {report.params_after / 1e6:.2f}M '
-             f'({report.params_after / report.params_before:.1%}),  MACs {report.macs_before / 1e9:.3f}G -> '
-             f'{report.macs_after / 1e9:.3f}G ({report.macs_after / report.macs_before:.1%}),  stage widths '
-             f'{b.stages} -> {a.stages}',
-             f'{"block":>20} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"mlp":>11}']
-    for x, y in zip(b.blocks, a.blocks):
-        att = f'{x.heads:>3} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4}' if x.heads else ' ' * 35
-        lines.append(f'{x.name:>20} {att} {x.mlp:>4} -> {y.mlp:<5}')
-    total = sum(report.times.values())
-    lines.append('time: ' + ', '.join(f'{k} {v:.2f}s' for k, v in report.times.items() if v > 0)
-                 + f'; total {total:.2f}s')
-    if report.refit:
-        worst = max(report.refit.items(), key=lambda kv: kv[1].err_refit)
-        lines.append(f're-fit: {len(report.refit)} layers, worst relative error {worst[1].err_refit:.3g} '
-                     f'({worst[0]}, {worst[1].err_sliced:.3g} before)')
-    lines += [f'note: {n}' for n in report.notes]
-    return '\n'.join(lines)
+    def _size_lines(self) -> List[str]:
+        b, a = self.dims_before, self.dims_after
+        lines = [f'{self._totals()},  stage widths {b.stages} -> {a.stages}',
+                 f'{"block":>20} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"mlp":>11}']
+        for x, y in zip(b.blocks, a.blocks):
+            att = f'{x.heads:>3} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4}' if x.heads else ' ' * 35
+            lines.append(f'{x.name:>20} {att} {x.mlp:>4} -> {y.mlp:<5}')
+        return lines
 
 
 def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[float, dict, str, None] = None, *,
           preset: Optional[str] = None, qk_criterion: str = 'snp', v_criterion: str = 'redundancy',
-          mlp_criterion: str = 'redundancy', embed_criterion: str = 'redundancy', head_criterion: str = 'output',
+          mlp_criterion: str = 'redundancy', embed_criterion: str = 'redundancy', head_criterion: str = 'snp',
           gamma: Optional[int] = None,
           refit: bool = True, damp: float = DEFAULT_DAMP, refit_tokens: Optional[int] = None, batch_size: int = 32,
           backend: str = 'auto', timm_name: Optional[str] = None, timm_kwargs: Optional[dict] = None):
