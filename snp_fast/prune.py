@@ -253,7 +253,7 @@ def prune(
         embed_criterion: str = 'redundancy',
         head_criterion: str = 'snp',
         gamma: Optional[int] = None,
-        refit: bool = True,
+        refit: Union[bool, str] = True,
         damp: float = DEFAULT_DAMP,
         refit_tokens: Optional[int] = None,
         batch_size: int = 32,
@@ -285,7 +285,11 @@ def prune(
             tokens).
         gamma: singular components preserved by the "snp" criterion (default: the q/k dims each head
             keeps in that block).
-        refit: re-fit every pruned Linear to the original outputs by least squares (needs calib).
+        refit: re-fit every pruned Linear to the original outputs by least squares (needs calib). True or
+            "sequential" (the default): each block's inputs are the PRUNED model's own hidden states, so a
+            block also corrects the error of the blocks before it; "oneshot": each block is re-fit from the
+            ORIGINAL model's hidden states (at the kept channels), blocks independently (ViT family only;
+            QUALITY.md compares the two); False: no re-fit.
         damp: ridge strength of the re-fit, relative to the mean diagonal of the Gram matrix.
         refit_tokens: at most this many calibration tokens (sampled, seeded) per Gram matrix; None = all.
         batch_size: images per chunk when running the model on the calibration set.
@@ -307,8 +311,12 @@ def prune(
         raise ValueError(f'backend={backend!r} is not known; choose one of {list(ops.BACKENDS)}')
     if gamma is not None and gamma < 1:
         raise ValueError(f'gamma must be >= 1, got {gamma}')
+    if refit not in (True, False, 'sequential', 'oneshot'):
+        raise ValueError(f'refit must be True/"sequential", "oneshot" or False, got {refit!r}')
     from .models import efficientformer
     if efficientformer.is_efficientformer(model):  # another family: its own pipeline, the same (checked) arguments
+        if refit == 'oneshot':
+            raise ValueError('refit="oneshot" is available for the ViT family only; use refit=True (sequential)')
         return efficientformer.prune(**args)
     vit.check_supported(model)
     needs_data = refit or 'snp' == qk_criterion or 'activation' in (v_criterion, mlp_criterion, embed_criterion)
@@ -457,6 +465,8 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
             _slice_into(pruned, model, bplan, sorted(n for n in block_names if n.startswith(f'blocks.{i}.')), backend)
         if refit:
             with timer('refit'):
+                if refit == 'oneshot':  # this block's inputs: the original hidden states at the kept channels
+                    xp = x.index_select(-1, embed.to(x.device))
                 xp = _refit_block(pb, xp, cap, sel, embed, H, d, damp, refit_tokens, gen, batch, backend, stats, i,
                                   kws[i], roles.mlp_fc1_rows(ob.mlp, sel.mlp))
         x = x_next if x is not None else None

@@ -387,6 +387,7 @@ def run_comparison(model, calib_pool, x_te, y_te, *, quick: bool, n_calib: int =
         ratios = settings[key][1]
         snp = _snp(True)
         sweeps['damp'] = {d: evaluate(ref, snp(model, calib, ratios, damp=d)) for d in (1e-2, 1e-4, 1e-6)}
+        sweeps['refit_mode'] = {m: evaluate(ref, _snp(m)(model, calib, ratios)) for m in ('sequential', 'oneshot')}
         sweeps['refit_tokens'] = {t: evaluate(ref, snp(model, calib, ratios, refit_tokens=t))
                                   for t in (128, 256, 512, None)}
         sweeps['calib'] = {}
@@ -487,6 +488,14 @@ def to_markdown(c: dict, title: str = 'digits ViT (shipped checkpoint)') -> str:
         for d, q in sweeps['damp'].items():
             L.append(f'| {d:g}{" (default)" if d == DEFAULT_DAMP else ""} | {100 * q.top1:.1f} | {q.attn_err_mean:.3f} | {_f(q.logit_kl)} |')
         L.append('')
+        if 'refit_mode' in sweeps:  # results saved before the one-shot mode existed have no such table
+            L.append('| re-fit | top-1 % | attn err | logit KL |')
+            L.append('|---|---|---|---|')
+            for m, q in sweeps['refit_mode'].items():
+                what = ('sequential (default): each block from the pruned model\'s own hidden states' if m == 'sequential'
+                        else 'one-shot: each block from the original hidden states')
+                L.append(f'| {what} | {100 * q.top1:.1f} | {q.attn_err_mean:.3f} | {_f(q.logit_kl)} |')
+            L.append('')
         L.append(f'| refit_tokens ({c["n_calib"]} images × {ref.attn[0].shape[-1]} tokens) | top-1 % | attn err | logit KL |')
         L.append('|---|---|---|---|')
         for t, q in sweeps['refit_tokens'].items():
@@ -535,6 +544,9 @@ def supported_defaults(c: dict) -> List[str]:
         d = min(sw['damp'].items(), key=lambda kv: kv[1].logit_kl)
         out.append(f'damp: lowest logit KL at {d[0]:g} (' + ', '.join(f'{k:g}: {_f(q.logit_kl)} / {100 * q.top1:.1f} %'
                                                                     for k, q in sw['damp'].items()) + ').')
+        if 'refit_mode' in sw:
+            out.append('re-fit mode: ' + ', '.join(f'{m}: {_f(q.logit_kl)} / {100 * q.top1:.1f} %'
+                                                   for m, q in sw['refit_mode'].items()) + ' (logit KL / top-1).')
         out.append('refit_tokens: ' + ', '.join(f'{k if k is not None else "all"}: {_f(q.logit_kl)} / {100 * q.top1:.1f} %'
                                               for k, q in sw['refit_tokens'].items()) + ' (logit KL / top-1).')
         out.append('calibration images (SNP + re-fit): ' + ', '.join(

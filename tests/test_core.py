@@ -284,6 +284,25 @@ def test_quality_on_digits_refit_recovers_accuracy():
     assert acc_sliced <= base - 0.2, (base, acc_sliced)
 
 
+def test_oneshot_refit_fits_each_block_from_the_original_hidden_states():
+    """refit="oneshot": the same selection, each block re-fit from the original stream at the kept channels
+    (not the pruned model's): different weights from the sequential re-fit, both far better than none; the
+    first block sees the same inputs either way, so its re-fit is identical."""
+    from snp_fast.demo import accuracy, digits_data, load_digits_vit
+    model = load_digits_vit()
+    x_tr, _, x_te, y_te = digits_data()
+    seq, _ = snp_fast.prune(model, x_tr[:64], ratios=0.5, refit=True)
+    one, rep = snp_fast.prune(model, x_tr[:64], ratios=0.5, refit='oneshot')
+    none, _ = snp_fast.prune(model, x_tr[:64], ratios=0.5, refit=False)
+    assert rep.settings['refit'] == 'oneshot'
+    assert torch.equal(seq.blocks[0].attn.qkv.weight, one.blocks[0].attn.qkv.weight)
+    assert not torch.equal(seq.blocks[3].mlp.fc2.weight, one.blocks[3].mlp.fc2.weight)
+    acc_none = accuracy(none, x_te, y_te)
+    assert accuracy(one, x_te, y_te) > acc_none + 0.3 and accuracy(seq, x_te, y_te) > acc_none + 0.3
+    with pytest.raises(ValueError, match='refit must be'):
+        snp_fast.prune(model, x_tr[:4], ratios=0.5, refit='once')
+
+
 # ------------------------------------------------------------------------------------------------
 # save / load
 

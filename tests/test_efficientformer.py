@@ -167,6 +167,8 @@ def test_bad_ratios_are_refused(model, calib, ratios, match):
 
 
 def test_bad_inputs_are_refused(model, calib):
+    with pytest.raises(ValueError, match='refit="oneshot" is available for the ViT family only'):
+        snp_fast.prune(model, calib, .25, refit='oneshot')
     with pytest.raises(ValueError, match='token grid'):
         snp_fast.prune(model, torch.randn(2, 3, 128, 128), .25)
     with pytest.raises(ValueError, match='embed_criterion="activation" is not supported'):
