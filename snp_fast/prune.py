@@ -371,18 +371,26 @@ def prune(
 
     settings = dict(ratios=spec, preset=preset, qk_criterion=qk_criterion, v_criterion=v_criterion,
                     mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion,
-                    gamma=gamma, refit=refit,
-                    damp=damp, refit_tokens=refit_tokens, calib_images=0 if calib is None else calib.shape[0],
-                    backend=backend)
+                    gamma=gamma, refit=refit, damp=damp, refit_tokens=refit_tokens,
+                    calib_images=0 if calib is None else calib.shape[0], backend=backend)
+    report = record(model, pruned, 'vit', PruneReport, (timm_name, timm_kwargs, timm_unavailable), dims_before,
+                    dims_after, selection, settings, timer, refit_stats, notes)
+    return pruned, report
+
+
+def record(model, pruned, family: str, report_cls, timm_config, dims_before, dims_after, selection, settings: dict,
+           timer: '_Timer', refit_stats, notes) -> PruneReport:
+    """Attach the recipe (how to rebuild and what was kept) to `pruned` and return its report; shared by the
+    model families' pipelines."""
+    timm_name, timm_kwargs, timm_unavailable = timm_config
     pruned.snp_recipe = {
-        'format': RECIPE_FORMAT, 'snp_fast_version': __version__, 'family': 'vit',
+        'format': RECIPE_FORMAT, 'snp_fast_version': __version__, 'family': family,
         'timm_name': timm_name, 'timm_kwargs': timm_kwargs, 'timm_unavailable': timm_unavailable,
         'dims_before': dims_before.to_dict(), 'dims_after': dims_after.to_dict(),
         'selection': selection.to_dict(), 'settings': settings,
     }
-    report = PruneReport(dims_before, dims_after, count_params(model), count_params(pruned),
-                         count_macs(model), count_macs(pruned), timer.times, settings, refit_stats, notes)
-    return pruned, report
+    return report_cls(dims_before, dims_after, count_params(model), count_params(pruned), count_macs(model),
+                      count_macs(pruned), timer.times, settings, refit_stats, notes)
 
 
 def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_criterion, mlp_criterion,

@@ -49,12 +49,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import __version__, ops
+from .. import ops
 from ..io import infer_timm_config
-from ..macs import count_macs, count_params, meta_copy
+from ..macs import meta_copy
 from ..presets import list_presets, load_preset
-from ..prune import (RECIPE_FORMAT, PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _run_captured,
-                     _slice_into, _Timer, _token_subset)
+from ..prune import (PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _run_captured,
+                     _slice_into, _Timer, _token_subset, record)
 from ..ratios import _check, keep_count
 from ..refit import DEFAULT_DAMP, RefitStats
 from ..scores import head_energy, head_output, row_scores, select_per_head, select_top, tss_average
@@ -559,14 +559,8 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
                     mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion,
                     gamma=gamma, refit=refit, damp=damp, refit_tokens=refit_tokens,
                     calib_images=0 if calib is None else calib.shape[0], backend=backend)
-    pruned.snp_recipe = {
-        'format': RECIPE_FORMAT, 'snp_fast_version': __version__, 'family': 'efficientformer',
-        'timm_name': timm_name, 'timm_kwargs': timm_kwargs, 'timm_unavailable': unavailable,
-        'dims_before': dims_before.to_dict(), 'dims_after': dims_after.to_dict(),
-        'selection': selection.to_dict(), 'settings': settings,
-    }
-    report = EfficientFormerReport(dims_before, dims_after, count_params(model), count_params(pruned),
-                                   count_macs(model), count_macs(pruned), timer.times, settings, stats, notes)
+    report = record(model, pruned, 'efficientformer', EfficientFormerReport, (timm_name, timm_kwargs, unavailable),
+                    dims_before, dims_after, selection, settings, timer, stats, notes)
     return pruned, report
 
 
