@@ -29,7 +29,8 @@ PYEOF
 SNP_FAST_BUILD_CUDA=0 "$PY" -m pip wheel -q --no-build-isolation --no-deps . -w "$tmp/wheels" > "$tmp/wheel.log" 2>&1 \
   || { tail -40 "$tmp/wheel.log"; exit 1; }
 whl=$(ls "$tmp"/wheels/snp_fast-*.whl)
-"$PY" -m zipfile -l "$whl" | grep -q 'snp_fast/_C' || { echo "wheel has no compiled extension: $whl"; exit 1; }
+"$PY" -m zipfile -l "$whl" > "$tmp/wheel_files.txt"  # not piped into grep -q: an early exit breaks the pipe
+grep -q 'snp_fast/_C' "$tmp/wheel_files.txt" || { echo "wheel has no compiled extension: $whl"; exit 1; }
 # a fresh venv that borrows torch & co. from the dev venv (a .pth line) but gets snp_fast only from the wheel
 python3 -m venv "$tmp/venv"
 site=$("$tmp/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
