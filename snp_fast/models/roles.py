@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden',
+__all__ = ['attend_and_project', 'qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden',
            'mlp_fc1_rows', 'mlp_in_weight', 'mlp_plan', 'resize_mlp', 'branch_scale', 'scale_names', 'check_mlp',
            'PrunedRopeAttention', 'kv_groups', 'pool_plan', 'pruned_attention_pool', 'is_post_norm', 'branch_input']
 
@@ -221,6 +221,18 @@ def branch_scale(blk: nn.Module, i: int) -> Callable[[torch.Tensor], torch.Tenso
 # ------------------------------------------------------------------------------------------------
 # pruned attention with rotary position embedding
 
+def attend_and_project(attn: nn.Module, q, k, v, attn_mask, is_causal: bool, gate) -> torch.Tensor:
+    """The pruned attentions' shared tail: softmax attention at the module's (original) scale, the norm over the
+    value width, the optional output gate, proj. q, k, v: (B, H, N, width per head)."""
+    B, H, N, dv = v.shape
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=attn.scale,
+                                       dropout_p=attn.attn_drop.p if attn.training else 0.)
+    x = attn.norm(x.transpose(1, 2).reshape(B, N, H * dv))
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x))
+
+
 class PrunedRopeAttention(nn.Module):
     """Pruned form of timm's EvaAttention / AttentionRope: the same parameter names and layout
     (`layout`, see qkv_layout; `qkv_bias`: see qkv_biases), RoPE applied to q and k of the non-prefix
@@ -283,12 +295,7 @@ class PrunedRopeAttention(nn.Module):
                               dim=2).type_as(v) for t in (q, k))
         if Hkv != H:  # query head h uses key/value head h // (H / Hkv), as in timm
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                           dropout_p=self.attn_drop.p if self.training else 0.)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, H * dv))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+        return attend_and_project(self, q, k, v, attn_mask, is_causal, gate)
 
 
 # ------------------------------------------------------------------------------------------------

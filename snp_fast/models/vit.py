@@ -153,12 +153,7 @@ class PrunedAttention(nn.Module):
         q = self.q_norm(q.view(B, N, H, dqk).transpose(1, 2))
         k = self.k_norm(k.view(B, N, H, dqk).transpose(1, 2))
         v = v.view(B, N, H, dv).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                           dropout_p=self.attn_drop.p if self.training else 0.)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, H * dv))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+        return roles.attend_and_project(self, q, k, v, attn_mask, is_causal, gate)
 
 
 class PrunedRelPosAttention(PrunedAttention):
