@@ -33,7 +33,7 @@ from .refit import DEFAULT_DAMP, LinearFit, RefitStats
 from .scores import (EMBED_CRITERIA, HEAD_CRITERIA, QK_CRITERIA, ROW_CRITERIA, check_criterion, head_energy,
                      head_output, qk_magnitude, row_scores, select_per_head, select_top, tss_average)
 
-__all__ = ['prune', 'PruneReport', 'RECIPE_FORMAT', 'branch_scores']
+__all__ = ['prune', 'PruneReport', 'RECIPE_FORMAT', 'branch_scores', 'BRANCH_CRITERIA']
 
 RECIPE_FORMAT = 'snp_fast.recipe/1'
 PHASES = ('calibration', 'qk_scoring', 'selection', 'slicing', 'refit', 'rebuild')
@@ -502,28 +502,56 @@ def _select_heads(attn: nn.Module, cap: dict, bd: vit.BlockDims, od: vit.BlockDi
     return select_top(s, bd.heads)
 
 
-@torch.no_grad()
-def branch_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(attn, mlp): per block, each residual branch's relative contribution on the calibration tokens,
-    ‖branch(x)‖_F / ‖x‖_F with x the stream entering the branch, measured on the ORIGINAL model.
+BRANCH_CRITERIA = ('ablation', 'norm')
 
-    A branch that barely changes the stream is the cheapest to replace by a constant (drop_attn / drop_mlp)."""
+
+@torch.no_grad()
+def branch_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 32, criterion: str = 'ablation',
+                  max_images: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(attn, mlp): per block, how much each residual branch matters on the calibration images, measured
+    on the ORIGINAL model; drop counts (drop_attn / drop_mlp) remove the branches with the lowest scores.
+
+    "ablation" (what prune() uses): the relative change ‖f' − f‖_F / ‖f‖_F of the final normed features
+    (all tokens) when that one branch is replaced by what dropping leaves of it, its mean output (the
+    re-fit bias), and the rest of the network runs on. Cost: O(depth²) block runs, so only the first
+    `max_images` calibration images are used (and the stream entering every branch is kept for them).
+    "norm": the branch's local size ‖branch(x)‖_F / ‖x‖_F with x the stream entering it: one pass, but it
+    cannot see what later blocks need (on the digits ViT it ranks block 0's attention, the most harmful
+    to drop, as the least important)."""
+    check_criterion('criterion', criterion, BRANCH_CRITERIA)
+    if criterion == 'ablation':
+        calib = calib[:max_images]
     was_training = model.training
     model.eval()
     try:
-        x = _prefix(model, calib, batch_size)
-        attn, mlp = [], []
-        for blk, kw in zip(model.blocks, _block_kwargs(model, calib)):  # kw: what the block hands its attention
+        branches = []  # (attention, MLP) of each block as functions of the stream, with the block's kwargs
+        for blk, kw in zip(model.blocks, _block_kwargs(model, calib)):
             ls1, ls2 = roles.branch_scale(blk, 1), roles.branch_scale(blk, 2)
-            a = _apply(lambda t: ls1(blk.attn(roles.branch_input(blk, 1)(t), **kw)), x, batch_size)
-            attn.append(a.double().norm() / x.double().norm())
-            x = x + a
-            m = _apply(lambda t: ls2(blk.mlp(roles.branch_input(blk, 2)(t))), x, batch_size)
-            mlp.append(m.double().norm() / x.double().norm())
-            x = x + m
+            branches += [lambda t, blk=blk, kw=kw, ls=ls1: ls(blk.attn(roles.branch_input(blk, 1)(t), **kw)),
+                         lambda t, blk=blk, ls=ls2: ls(blk.mlp(roles.branch_input(blk, 2)(t)))]
+        x = _prefix(model, calib, batch_size)
+        inputs, means, local = [], [], []
+        for f in branches:
+            out = _apply(f, x, batch_size)
+            inputs.append(x)
+            means.append(out.mean(dim=(0, 1)))
+            local.append(out.double().norm() / x.double().norm())
+            x = x + out
+        if criterion == 'norm':
+            scores = torch.stack(local)
+        else:
+            final_norm = getattr(model, 'norm', nn.Identity())
+            ref = _apply(final_norm, x, batch_size).double()
+            scores = []
+            for j in range(len(branches)):
+                y = inputs[j] + means[j]
+                for f in branches[j + 1:]:
+                    y = y + _apply(f, y, batch_size)
+                scores.append((_apply(final_norm, y, batch_size).double() - ref).norm() / ref.norm())
+            scores = torch.stack(scores)
     finally:
         model.train(was_training)
-    return torch.stack(attn).float(), torch.stack(mlp).float()
+    return scores[0::2].float(), scores[1::2].float()
 
 
 def _choose_dropped(model: nn.Module, calib: torch.Tensor, spec: dict, batch: int, notes: List[str]) -> dict:
@@ -535,7 +563,7 @@ def _choose_dropped(model: nn.Module, calib: torch.Tensor, spec: dict, batch: in
         if isinstance(n, int):
             spec[key] = select_top(-scores[key], n).tolist() if n else []
             if n:
-                notes.append(f'{key}: blocks {spec[key]} (relative contribution '
+                notes.append(f'{key}: blocks {spec[key]} (output change when dropped '
                              + ', '.join(f'{scores[key][j]:.3g}' for j in spec[key]) + ')')
     return spec
 

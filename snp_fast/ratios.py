@@ -7,8 +7,8 @@ Accepted forms: a float (the same ratio for q/k, v, fc1 and the embedding), a di
 inside the kept heads.
 
 Block (branch) dropping, in either dict form: 'drop_attn' / 'drop_mlp' = a list of block indices
-whose attention / MLP branch is removed, or a count n, for which prune() drops the n branches that
-contribute least (snp_fast.prune.branch_scores). A dropped branch is the zero-width limit (0 heads,
+whose attention / MLP branch is removed, or a count n, for which prune() drops the n branches whose
+removal changes the final features least (snp_fast.prune.branch_scores). A dropped branch is the zero-width limit (0 heads,
 0 fc1 neurons): its output is the constant bias of attn.proj / mlp.fc2.
 
 Counts: removed = floor(ratio · width + 0.5) per head (q/k, v) or per block (fc1) or per model

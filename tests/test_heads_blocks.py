@@ -163,10 +163,24 @@ def test_drop_counts_pick_the_least_contributing_branches():
     model, x = tiny(depth=4), images()
     attn, mlp = branch_scores(model, x)
     assert attn.shape == mlp.shape == (4,) and (attn > 0).all()
-    with torch.no_grad():  # the definition, on block 0: ‖attn branch‖ / ‖stream entering it‖
+    with torch.no_grad():
         s = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         b = model.blocks[0]
-        torch.testing.assert_close(attn[0], (b.ls1(b.attn(b.norm1(s))).norm() / s.norm()))
+        # "norm", on block 0: ‖attn branch‖ / ‖stream entering it‖
+        torch.testing.assert_close(branch_scores(model, x, criterion='norm')[0][0],
+                                   (b.ls1(b.attn(b.norm1(s))).norm() / s.norm()))
+        # "ablation", on the last MLP: the final features with that branch replaced by its mean output
+        last = model.blocks[-1]
+        h = s
+        for blk in model.blocks[:-1]:
+            h = blk(h)
+        h = h + last.ls1(last.attn(last.norm1(h)))
+        ref = model.norm(h + last.ls2(last.mlp(last.norm2(h))))
+        mean = last.ls2(last.mlp(last.norm2(h))).mean(dim=(0, 1))
+        want = (model.norm(h + mean) - ref).double().norm() / ref.double().norm()
+        torch.testing.assert_close(mlp[-1], want.float(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match='criterion'):
+        branch_scores(model, x, criterion='size')
     pruned, report = snp_fast.prune(model, x, ratios={'drop_attn': 2, 'drop_mlp': 1}, refit=False)
     spec = pruned.snp_recipe['settings']['ratios']
     assert spec['drop_attn'] == sorted(attn.argsort()[:2].tolist())
