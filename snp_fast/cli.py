@@ -349,23 +349,7 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
         if made_for and arch and made_for != arch:
             _log(f'warning: --preset {args.preset} was made for {made_for}, not {arch}')
     else:
-        path = args.ratios
-        where = f'--ratios {path}'
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    spec = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UsageError(f'--ratios {path}: not valid JSON: {e}') from None
-        else:  # inline JSON: --ratios 0.5, --ratios '{"qk": 0.5, "embed": 0.2}'
-            try:
-                spec = json.loads(path)
-            except json.JSONDecodeError:
-                raise UsageError(f'--ratios {path}: no such file (nor inline JSON ratios)') from None
-            if not isinstance(spec, (int, float, dict)) or isinstance(spec, bool):
-                raise UsageError(f'--ratios {path}: no such file (nor inline JSON ratios)')
-        if isinstance(spec, str):
-            raise UsageError(f'{where}: give ratios (a number or an object), not a string; use --preset for presets')
+        spec, where = _read_ratios(args.ratios), f'--ratios {args.ratios}'
     try:
         resolved = resolve_ratios(spec, depth)
         if args.round_to > 1:
@@ -373,6 +357,26 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
     except ValueError as e:
         raise UsageError(f'{where}: {e}') from None
     return resolved, (args.preset or None), None
+
+
+def _read_ratios(path: str):
+    """The ratios of --ratios: a JSON file, or inline JSON (--ratios 0.5, --ratios '{"qk": 0.5, "embed": 0.2}')."""
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                spec = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f'--ratios {path}: not valid JSON: {e}') from None
+    else:
+        try:
+            spec = json.loads(path)
+        except json.JSONDecodeError:
+            raise UsageError(f'--ratios {path}: no such file (nor inline JSON ratios)') from None
+        if not isinstance(spec, (int, float, dict)) or isinstance(spec, bool):
+            raise UsageError(f'--ratios {path}: no such file (nor inline JSON ratios)')
+    if isinstance(spec, str):
+        raise UsageError(f'--ratios {path}: give ratios (a number or an object), not a string; use --preset for presets')
+    return spec
 
 
 def _efficientformer_ratio_spec(args, model):
@@ -386,15 +390,7 @@ def _efficientformer_ratio_spec(args, model):
     if args.preset:
         spec, where = args.preset, f'--preset {args.preset}'
     else:
-        where = f'--ratios {args.ratios}'
-        try:
-            if os.path.isfile(args.ratios):
-                with open(args.ratios) as f:
-                    spec = json.load(f)
-            else:
-                spec = json.loads(args.ratios)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f'{where}: neither a JSON file nor inline JSON ratios: {e}') from None
+        spec, where = _read_ratios(args.ratios), f'--ratios {args.ratios}'
     try:
         efficientformer.resolve_ratios(spec, efficientformer.model_dims(model))
     except ValueError as e:
