@@ -207,6 +207,15 @@ def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor], like: Dict[str, 
         setattr(mod, leaf, nn.Parameter(t, requires_grad=like[name].requires_grad))
 
 
+def _copy_buffers(pruned: nn.Module, model: nn.Module) -> None:
+    """The ViT family's buffers (if any) are not pruned: copy them over, persistent or not as they were."""
+    persistent = set(model.state_dict())
+    for name, buf in model.named_buffers():
+        mod_name, _, leaf = name.rpartition('.')
+        (pruned.get_submodule(mod_name) if mod_name else pruned).register_buffer(leaf, buf.clone(),
+                                                                                persistent=name in persistent)
+
+
 def _slice_into(pruned: nn.Module, model: nn.Module, plan: vit.Plan, names: List[str], backend: str) -> None:
     """The one slicing routine: every tensor in `names`, sliced by `plan` (or copied), in one call."""
     src = dict(model.named_parameters())
@@ -348,34 +357,52 @@ def prune(
         raise ValueError(f'refit_tokens must be None (all tokens) or a positive int, got {refit_tokens!r}')
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f'damp must be a finite number >= 0, got {damp!r}')
-    timm_unavailable = ''
-    if timm_name is None:
-        from .io import infer_timm_config
-        timm_name, timm_kwargs, timm_unavailable = infer_timm_config(model, timm_kwargs)
-    elif timm_kwargs is None:
-        from .io import infer_timm_config
-        inferred_name, timm_kwargs, _ = infer_timm_config(model)
-        if inferred_name != timm_name:
-            timm_kwargs = {}
+    timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model) as was_training:
         pruned, selection, refit_stats = _prune(
             model, calib, dims_before, dims_after, timer, qk_criterion=qk_criterion, v_criterion=v_criterion,
             mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion, gamma=gamma,
             refit=refit, damp=damp, refit_tokens=refit_tokens, batch=batch_size, backend=backend)
+    pruned.train(was_training)
+    report = record(model, pruned, 'vit', PruneReport, timm_config, dims_before, dims_after, selection,
+                    run_settings(args, spec, calib), timer, refit_stats, notes)
+    return pruned, report
+
+
+def resolve_timm_config(model: nn.Module, timm_name: Optional[str], timm_kwargs: Optional[dict]):
+    """(timm name, kwargs, why not inferable) that rebuild the unpruned architecture: inferred from the model
+    unless given; kwargs inferred for a given name only when it is the model's own."""
+    from .io import infer_timm_config
+    if timm_name is None:
+        return infer_timm_config(model, timm_kwargs)
+    if timm_kwargs is None:
+        inferred_name, timm_kwargs, _ = infer_timm_config(model)
+        if inferred_name != timm_name:
+            timm_kwargs = {}
+    return timm_name, timm_kwargs, ''
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the block (yields whether it was training), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield was_training
     finally:
         model.train(was_training)
-    pruned.train(was_training)
 
-    settings = dict(ratios=spec, preset=preset, qk_criterion=qk_criterion, v_criterion=v_criterion,
-                    mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion,
-                    gamma=gamma, refit=refit, damp=damp, refit_tokens=refit_tokens,
-                    calib_images=0 if calib is None else calib.shape[0], backend=backend)
-    report = record(model, pruned, 'vit', PruneReport, (timm_name, timm_kwargs, timm_unavailable), dims_before,
-                    dims_after, selection, settings, timer, refit_stats, notes)
-    return pruned, report
+
+# prune() arguments recorded in the recipe's settings (with the resolved ratios and the calibration count)
+SETTING_KEYS = ('preset', 'qk_criterion', 'v_criterion', 'mlp_criterion', 'embed_criterion', 'head_criterion',
+                'gamma', 'refit', 'damp', 'refit_tokens')
+
+
+def run_settings(args: dict, spec: dict, calib: Optional[torch.Tensor]) -> dict:
+    """The settings a recipe records, from prune()'s arguments."""
+    return dict(ratios=spec, **{k: args[k] for k in SETTING_KEYS},
+                calib_images=0 if calib is None else calib.shape[0], backend=args['backend'])
 
 
 def record(model, pruned, family: str, report_cls, timm_config, dims_before, dims_after, selection, settings: dict,
@@ -407,11 +434,7 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
     block_names = {n for n, _ in model.named_parameters() if n.startswith('blocks.')}
     with timer('slicing'):
         _slice_into(pruned, model, plan, [n for n, _ in model.named_parameters() if n not in block_names], backend)
-    persistent = set(model.state_dict())
-    for name, buf in model.named_buffers():  # buffers (if any) are not pruned: copy them over
-        mod_name, _, leaf = name.rpartition('.')
-        (pruned.get_submodule(mod_name) if mod_name else pruned).register_buffer(leaf, buf.clone(),
-                                                                                persistent=name in persistent)
+    _copy_buffers(pruned, model)
 
     x = xp = None
     kws = [{} for _ in model.blocks]
@@ -521,9 +544,7 @@ def branch_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 32, c
     check_criterion('criterion', criterion, BRANCH_CRITERIA)
     if criterion == 'ablation':
         calib = calib[:max_images]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         branches = []  # (attention, MLP) of each block as functions of the stream, with the block's kwargs
         for blk, kw in zip(model.blocks, _block_kwargs(model, calib)):
             ls1, ls2 = roles.branch_scale(blk, 1), roles.branch_scale(blk, 2)
@@ -549,8 +570,6 @@ def branch_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 32, c
                     y = y + _apply(f, y, batch_size)
                 scores.append((_apply(final_norm, y, batch_size).double() - ref).norm() / ref.norm())
             scores = torch.stack(scores)
-    finally:
-        model.train(was_training)
     return scores[0::2].float(), scores[1::2].float()
 
 

@@ -259,16 +259,10 @@ def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch
     vit.check_supported(model)
     if refit and calib is None:
         raise ValueError('the re-fit needs calibration images')
-    was_training = model.training
-    model.eval()
-    try:
+    with _P.eval_mode(model):
         pruned = vit.apply_dims(meta_copy(model), sel.dims())
         _P._slice_into(pruned, model, vit.slice_plan(model, sel), [n for n, _ in model.named_parameters()], backend)
-        persistent = set(model.state_dict())
-        for name, buf in model.named_buffers():
-            mod_name, _, leaf = name.rpartition('.')
-            (pruned.get_submodule(mod_name) if mod_name else pruned).register_buffer(
-                leaf, buf.clone(), persistent=name in persistent)
+        _P._copy_buffers(pruned, model)
         if refit:
             dev = next(model.parameters()).device
             calib = calib.to(device=dev, dtype=next(model.parameters()).dtype)
@@ -286,8 +280,6 @@ def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch
                 x = x_next
             _P._refit_heads(model, pruned, x, xp, sel.embed, damp, refit_tokens, gen, batch_size, backend, stats)
             pruned.snp_refit_stats = stats
-    finally:
-        model.train(was_training)
     leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f'parameters left unassigned: {leftover[:5]}')

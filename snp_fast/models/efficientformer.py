@@ -50,11 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..io import infer_timm_config
 from ..macs import meta_copy
 from ..presets import list_presets, load_preset
 from ..prune import (PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _run_captured,
-                     _slice_into, _Timer, _token_subset, record)
+                     _slice_into, _Timer, _token_subset, eval_mode, record, resolve_timm_config,
+                     run_settings)
 from ..ratios import _check, keep_count
 from ..refit import DEFAULT_DAMP, RefitStats
 from ..scores import head_energy, head_output, row_scores, select_per_head, select_top, tss_average
@@ -517,6 +517,7 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     "snp" (the head's attention-score energy), as for ViTs (scores.head_output / head_energy).
     Returns (the pruned model, still a timm EfficientFormer, and an EfficientFormerReport).
     """
+    args = dict(locals())  # first statement: exactly this function's arguments (recorded in the settings)
     if embed_criterion == 'activation':
         raise ValueError('embed_criterion="activation" is not supported for EfficientFormer stage widths; use '
                          '"redundancy" or "magnitude"')
@@ -538,29 +539,16 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     p0 = next(model.parameters())
     if calib is not None:
         calib = _check_calib(model, calib).to(device=p0.device, dtype=p0.dtype)
-    if timm_name is None or timm_kwargs is None:
-        inferred, kwargs, unavailable = infer_timm_config(model, timm_kwargs)
-        timm_kwargs = kwargs if timm_name in (None, inferred) else {}
-        timm_name = timm_name or inferred
-    else:
-        unavailable = ''
+    timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
     timer = _Timer()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model) as was_training:
         pruned, selection, stats = _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_criterion,
                                           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens,
                                           batch_size, backend)
-    finally:
-        model.train(was_training)
     pruned.train(was_training)
-    settings = dict(ratios=spec, preset=preset, qk_criterion=qk_criterion, v_criterion=v_criterion,
-                    mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion,
-                    gamma=gamma, refit=refit, damp=damp, refit_tokens=refit_tokens,
-                    calib_images=0 if calib is None else calib.shape[0], backend=backend)
-    report = record(model, pruned, 'efficientformer', EfficientFormerReport, (timm_name, timm_kwargs, unavailable),
-                    dims_before, dims_after, selection, settings, timer, stats, notes)
+    report = record(model, pruned, 'efficientformer', EfficientFormerReport, timm_config, dims_before, dims_after,
+                    selection, run_settings(args, spec, calib), timer, stats, notes)
     return pruned, report
 
 
