@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .io import read_format_json
+
 __all__ = ['FinetuneConfig', 'FinetuneResult', 'kd_loss', 'lr_factor', 'finetune', 'init_distributed',
            'save_checkpoint', 'load_checkpoint', 'CheckpointError']
 
@@ -210,13 +212,7 @@ def load_checkpoint(directory: str, model: nn.Module, opt: torch.optim.Optimizer
     for p in (spath, wpath):
         if not os.path.isfile(p):
             raise CheckpointError(f'{p} not found: {directory} holds no fine-tuning checkpoint')
-    try:
-        with open(spath) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f'{spath} is not valid JSON: {e}') from e
-    if not isinstance(meta, dict) or meta.get('format') != CKPT_FORMAT:
-        raise CheckpointError(f'{spath}: unknown checkpoint format (expected {CKPT_FORMAT!r})')
+    meta = read_format_json(spath, CKPT_FORMAT, 'checkpoint', CheckpointError)
     tensors = load_file(wpath)
     if int(tensors.get('meta.step', torch.tensor(-1)).item()) != meta.get('step'):
         raise CheckpointError(f'{wpath} and {spath} are from different steps (interrupted write?)')

@@ -123,19 +123,25 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
     return directory
 
 
+def read_format_json(path: str, fmt: str, what: str, error: type) -> dict:
+    """A JSON object whose 'format' must be `fmt` (snp_fast's recipes and checkpoints); `error` otherwise."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f'{path} is not valid JSON: {e}') from e
+    if not isinstance(obj, dict) or obj.get('format') != fmt:
+        raise error(f'{path}: unknown {what} format {obj.get("format") if isinstance(obj, dict) else None!r}'
+                    f' (expected {fmt!r})')
+    return obj
+
+
 def load_recipe(directory: str) -> dict:
     from .prune import RECIPE_FORMAT
     path = os.path.join(directory, RECIPE)
     if not os.path.isfile(path):
         raise RecipeError(f'{path} not found: {directory} is not a directory written by snp_fast.save_pruned')
-    try:
-        with open(path) as f:
-            recipe = json.load(f)
-    except json.JSONDecodeError as e:
-        raise RecipeError(f'{path} is not valid JSON: {e}') from e
-    if not isinstance(recipe, dict) or recipe.get('format') != RECIPE_FORMAT:
-        raise RecipeError(f'{path}: unknown recipe format {recipe.get("format") if isinstance(recipe, dict) else None!r}'
-                          f' (expected {RECIPE_FORMAT!r})')
+    recipe = read_format_json(path, RECIPE_FORMAT, 'recipe', RecipeError)
     for key in ('dims_before', 'dims_after', 'selection'):
         if key not in recipe:
             raise RecipeError(f'{path}: missing {key!r}')
