@@ -4,10 +4,11 @@
 // csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(snp_fast, CPU, m)) and csrc/cuda/*.cu (..., CUDA, m).
 // Python calls them as torch.ops.snp_fast.<op> through the wrappers in snp_fast/ops/.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <map>
 #include <string>
-#include <utility>
 
 #include "cpu/blas.h"
 
@@ -30,14 +31,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def(
-      "blas_syrk",
+      "blas",
       [](bool enable) {
         namespace blas = snp_fast::blas;
-        blas::syrk_enabled().store(enable);
-        return std::make_pair(std::string(blas::ssyrk() ? blas::ssyrk_found().name : ""),
-                              std::string(blas::dsyrk() ? blas::dsyrk_found().name : ""));
+        blas::lookup_enabled().store(enable);
+        auto name = [](bool used, const blas::Found& f) { return std::string(used ? f.name : ""); };
+        std::map<std::string, std::string> found;
+        found["ssyrk"] = name(blas::ssyrk() != nullptr, blas::ssyrk_found());
+        found["dsyrk"] = name(blas::dsyrk() != nullptr, blas::dsyrk_found());
+        found["dgemm"] = name(blas::dgemm() != nullptr, blas::dgemm_found());
+        return found;
       },
       pybind11::arg("enable") = true,
-      "(float, double) BLAS syrk symbols the CPU gram and qk_scores kernels call ('' = none: GEMMs); "
-      "enable=False switches them off (tests of the fallbacks).");
+      "The BLAS symbols of torch's own build the CPU kernels call, {'ssyrk', 'dsyrk', 'dgemm'} -> name "
+      "('' = not found: ATen GEMMs or plain loops instead); enable=False switches them off (tests of the "
+      "fallbacks).");
 }

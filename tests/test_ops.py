@@ -129,9 +129,10 @@ def test_qk_scores_degenerate(case):
 
 
 @pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
-def test_qk_scores_cpu_without_blas_syrk_and_strided_inputs():
-    """The CPU kernel forms its Grams by torch's BLAS dsyrk when found, else by batched GEMM: both equal
-    the oracle, also for float64 inputs that are strided views (as q, k sliced out of a qkv output are)."""
+def test_qk_scores_cpu_without_blas_and_strided_inputs():
+    """The CPU kernel forms its Grams by torch's BLAS dsyrk and its d×d products by dgemm when found, else
+    by batched GEMM and plain loops: both equal the oracle, also for float64 inputs that are strided views
+    (as q, k sliced out of a qkv output are)."""
     from snp_fast import _C
     gen = torch.Generator().manual_seed(7)
     qkv = torch.randn(3, 50, 3, 2, 32, generator=gen, dtype=torch.float64)   # (B, N, 3, H, d)
@@ -139,11 +140,11 @@ def test_qk_scores_cpu_without_blas_syrk_and_strided_inputs():
     cases = [(q, k), (q.float(), k.float()), *[(c[0], c[1]) for c in list(_degenerate_cases().values())[:4]]]
     try:
         for enabled in (True, False):
-            _C.blas_syrk(enabled)
+            _C.blas(enabled)
             for qc, kc in cases:
                 check_qk(qc, kc, (1, qc.shape[-1] // 2), 'cpu')
     finally:
-        _C.blas_syrk(True)
+        _C.blas(True)
 
 
 def test_qk_scores_helpers_match_reference():
@@ -253,16 +254,16 @@ def test_gram_cpu_blas_syrk_and_fallback():
     """The CPU kernel calls torch's BLAS syrk when the build exports one (MKL on x86_64) and falls back
     to GEMM panels otherwise: both paths equal the reference."""
     from snp_fast import _C
-    names = _C.blas_syrk()
+    names = _C.blas()
     if torch.backends.mkl.is_available():
-        assert names == ('mkl_blas_ssyrk', 'mkl_blas_dsyrk')
+        assert names == {'ssyrk': 'mkl_blas_ssyrk', 'dsyrk': 'mkl_blas_dsyrk', 'dgemm': 'mkl_blas_dgemm'}
     try:
-        assert _C.blas_syrk(False) == ('', '')
+        assert _C.blas(False) == {'ssyrk': '', 'dsyrk': '', 'dgemm': ''}
         for shape in GRAM_SHAPES:
             check_gram(torch.randn(shape), 'cpu')
     finally:
-        _C.blas_syrk(True)
-    assert _C.blas_syrk() == names
+        _C.blas(True)
+    assert _C.blas() == names
 
 
 def test_gram_noncontiguous_input():

@@ -1,9 +1,10 @@
-// torch's own BLAS syrk (C = A Aᵀ, one triangle), looked up at run time.
+// torch's own BLAS syrk (C = A Aᵀ, one triangle) and dgemm, looked up at run time.
 //
-// torch does not expose syrk, but the BLAS it was built with usually exports one: MKL (x86_64 wheels)
-// as mkl_blas_ssyrk / mkl_blas_dsyrk, OpenBLAS as ssyrk_ / dsyrk_. Looking the symbol up in the already
-// loaded torch libraries (instead of linking it) lets the extension load against any torch build; the
-// callers fall back to GEMMs when no syrk is found.
+// torch does not expose syrk (nor a GEMM callable on raw pointers from inside a parallel region), but the
+// BLAS it was built with usually exports them: MKL (x86_64 wheels) as mkl_blas_ssyrk / mkl_blas_dsyrk /
+// mkl_blas_dgemm, OpenBLAS as ssyrk_ / dsyrk_ / dgemm_. Looking the symbols up in the already loaded torch
+// libraries (instead of linking them) lets the extension load against any torch build; the callers fall
+// back to GEMMs through ATen or to plain loops when a symbol is not found.
 #pragma once
 
 #include <dlfcn.h>
@@ -15,6 +16,10 @@ namespace snp_fast::blas {
 
 // Fortran BLAS ?syrk. Integers are passed as int64: on little-endian machines an LP64 BLAS reads the low
 // 32 bits of the same storage, so this is right for LP64 and ILP64 builds alike (callers keep them < 2^31).
+template <typename T>
+using gemm_fn = void (*)(const char* transa, const char* transb, const int64_t* m, const int64_t* n, const int64_t* k,
+                         const T* alpha, const T* a, const int64_t* lda, const T* b, const int64_t* ldb, const T* beta,
+                         T* c, const int64_t* ldc);
 template <typename T>
 using syrk_fn = void (*)(const char* uplo, const char* trans, const int64_t* n, const int64_t* k, const T* alpha,
                          const T* a, const int64_t* lda, const T* beta, T* c, const int64_t* ldc);
@@ -35,7 +40,7 @@ inline Found find_symbol(const char* mkl_name, const char* fortran_name) {
   return {};
 }
 
-inline std::atomic<bool>& syrk_enabled() {  // tests switch it off to check the GEMM fallbacks
+inline std::atomic<bool>& lookup_enabled() {  // tests switch it off to check the fallbacks
   static std::atomic<bool> on{true};
   return on;
 }
@@ -50,12 +55,21 @@ inline const Found& dsyrk_found() {
   return f;
 }
 
+inline const Found& dgemm_found() {
+  static const Found f = find_symbol("mkl_blas_dgemm", "dgemm_");
+  return f;
+}
+
 inline syrk_fn<float> ssyrk() {
-  return syrk_enabled().load() ? reinterpret_cast<syrk_fn<float>>(ssyrk_found().fn) : nullptr;
+  return lookup_enabled().load() ? reinterpret_cast<syrk_fn<float>>(ssyrk_found().fn) : nullptr;
 }
 
 inline syrk_fn<double> dsyrk() {
-  return syrk_enabled().load() ? reinterpret_cast<syrk_fn<double>>(dsyrk_found().fn) : nullptr;
+  return lookup_enabled().load() ? reinterpret_cast<syrk_fn<double>>(dsyrk_found().fn) : nullptr;
+}
+
+inline gemm_fn<double> dgemm() {
+  return lookup_enabled().load() ? reinterpret_cast<gemm_fn<double>>(dgemm_found().fn) : nullptr;
 }
 
 // Lower (row-major) triangle of the d×d `c` = xᵀx for a row-major (n, d) x with row stride ldx:

@@ -4,7 +4,8 @@
 //     ω_i = Σ_{j<γ, σ_j > 1e-4 σ_1} |cos(u_j, q_i) · cos(v_j, k_i)|.
 // Route (everything after the Grams is d×d work in float64, one matrix per task of at::parallel_for):
 //   1. G_q = QᵀQ, G_k = KᵀK in float64: per task by torch's BLAS dsyrk when it exports one (blas.h),
-//      else by batched GEMM (images processed in chunks to bound memory).
+//      else by batched GEMM (images processed in chunks to bound memory). The d×d products below go to
+//      torch's dgemm when found (blas.h), else to plain loops.
 //   2. R with RᵀR = G_q by pivoted Cholesky (r × d, r = numerical rank of Q; stops when the largest
 //      remaining pivot is ≤ 1e-12·max diag(G_q), far below anything that reaches the σ threshold).
 //      Then Q = A R with A orthonormal, and S Sᵀ = A (R G_k Rᵀ) Aᵀ: the left singular vectors of S
@@ -48,12 +49,42 @@ SNP_INLINE double dot(const double* a, const double* b, int64_t n) {
   return s;
 }
 
+// Row-major C (M×N, row stride ldc) = op(A) op(B), op(A) M×K, op(B) K×N; a_t: A is stored K×M, b_t: B is
+// stored N×K. torch's dgemm when found (~70 GFLOP/s for 64×64 products on one AVX-512 core, several times
+// these loops), else the loops.
+SNP_INLINE void matmul_rm(snp_fast::blas::gemm_fn<double> gemm, bool a_t, bool b_t, int64_t M, int64_t N, int64_t K,
+                          const double* A, int64_t lda, const double* Bm, int64_t ldb, double* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (gemm != nullptr && K > 0) {
+    // row-major C read column-major is Cᵀ = op(B)ᵀ op(A)ᵀ, and so are A and B: swap them, keep the flags
+    const double one = 1, zero = 0;
+    gemm(b_t ? "T" : "N", a_t ? "T" : "N", &N, &M, &K, &one, Bm, &ldb, A, &lda, &zero, C, &ldc);
+    return;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    double* c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] = 0;
+    for (int64_t l = 0; l < K; ++l) {
+      const double a = a_t ? A[l * lda + i] : A[i * lda + l];
+      if (a == 0) continue;
+      if (b_t) {
+        for (int64_t j = 0; j < N; ++j) c[j] += a * Bm[j * ldb + l];
+      } else {
+        const double* b = Bm + l * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      }
+    }
+  }
+}
+
 // Work arrays for one matrix of head dim d (allocated once per parallel chunk).
 struct Work {
   explicit Work(int64_t d)
-      : R(d * d), C(d * d), A(d * d), V(d * d), Z(d * d), Zt(d * d), P(d * d), Pk(d * d), u1(d * d), u2(d * d),
+      : gemm(snp_fast::blas::dgemm()),
+        R(d * d), C(d * d), A(d * d), V(d * d), Z(d * d), Zt(d * d), P(d * d), Pk(d * d), u1(d * d), u2(d * d),
         mult(d * d), sw(d * d), ip(d * d), beta(d), diag(d), off(d), lam(d), dres(d), x(d), shift(d), cd(d), cs(d),
         done(d), cluster(d) {}
+  snp_fast::blas::gemm_fn<double> gemm;
   std::vector<double> R, C, A, V, Z, Zt, P, Pk, u1, u2, mult, sw, ip;
   std::vector<double> beta, diag, off, lam, dres, x, shift, cd, cs;
   std::vector<char> done;
@@ -274,28 +305,11 @@ SNP_MULTIVERSION void qk_one(const double* gq, const double* gk, int64_t d, int6
   const int64_t r = pivoted_cholesky(gq, d, w);
   if (r == 0) return;
   const double* R = w.R.data();
-  // C = R G_k (r × d)
+  // C = R G_k (r × d), then B = C Rᵀ (r × r, symmetric) into A
   double* C = w.C.data();
-  for (int64_t s = 0; s < r; ++s) {
-    double* cs = C + s * d;
-    const double* rs = R + s * d;
-    for (int64_t j = 0; j < d; ++j) cs[j] = 0;
-    for (int64_t l = 0; l < d; ++l) {
-      const double c = rs[l];
-      if (c == 0) continue;
-      const double* gl = gk + l * d;
-      for (int64_t j = 0; j < d; ++j) cs[j] += c * gl[j];
-    }
-  }
-  // B = C Rᵀ (r × r, symmetric) into A
+  matmul_rm(w.gemm, false, false, r, d, d, R, d, gk, d, C, d);
   double* A = w.A.data();
-  for (int64_t s = 0; s < r; ++s) {
-    const double* cs = C + s * d;
-    for (int64_t t = 0; t <= s; ++t) {
-      const double* rt = R + t * d;
-      A[s * r + t] = dot(cs, rt, d);
-    }
-  }
+  matmul_rm(w.gemm, false, true, r, r, d, C, d, R, d, A, r);
   for (int64_t s = 0; s < r; ++s)
     for (int64_t t = s + 1; t < r; ++t) A[s * r + t] = A[t * r + s];  // symmetrise (B is symmetric in exact arithmetic)
   const int64_t n = r;
@@ -386,20 +400,11 @@ SNP_MULTIVERSION void qk_one(const double* gq, const double* gk, int64_t d, int6
       for (int64_t j = 0; j < m; ++j) row[j] -= vi * proj[j];
     }
   }
-  // P = X R, Pk = X C (m × d), then the scores
+  // P = Xᵀ R, Pk = Xᵀ C (m × d; X = Zt is n × m), then the scores
   double* P = w.P.data();
   double* Pk = w.Pk.data();
-  for (int64_t j = 0; j < m; ++j) {
-    double* pj = P + j * d;
-    double* pkj = Pk + j * d;
-    for (int64_t i = 0; i < d; ++i) { pj[i] = 0; pkj[i] = 0; }
-    for (int64_t s = 0; s < n; ++s) {
-      const double xs = Zt[s * m + j];
-      const double* rs = R + s * d;
-      const double* cs = C + s * d;
-      for (int64_t i = 0; i < d; ++i) { pj[i] += xs * rs[i]; pkj[i] += xs * cs[i]; }
-    }
-  }
+  matmul_rm(w.gemm, true, false, m, d, n, Zt, m, R, d, P, d);
+  matmul_rm(w.gemm, true, false, m, d, n, Zt, m, C, d, Pk, d);
   double* acc = w.x.data();
   for (int64_t i = 0; i < d; ++i) acc[i] = 0;
   for (int64_t j = 0; j < m; ++j) {
@@ -425,40 +430,51 @@ at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma
   auto out64 = at::zeros({B, H, d}, q.options().dtype(at::kDouble));
   if (B == 0 || H == 0 || d == 0 || N == 0) return out64.sum(0).to(at::kFloat);
   const int64_t g = std::min({gamma, N, d});
-  // images per chunk: bound the float64 copies of the activations to ~32 MiB each
-  const int64_t per_image = H * N * d * static_cast<int64_t>(sizeof(double));
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(per_image, 1));
   double* out = out64.data_ptr<double>();
-  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
-    const int64_t nb = std::min(chunk, B - b0);
-    auto qd = q.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d}).contiguous();
-    auto kd = k.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d}).contiguous();
-    double* outc = out + b0 * H * d;
-    if (auto syrk = snp_fast::blas::dsyrk(); syrk != nullptr && N < (int64_t{1} << 31)) {
-      // each task forms its own two Grams by syrk (half the products of a GEMM), while its Q, K are in cache
-      const double* qp = qd.data_ptr<double>();
-      const double* kp = kd.data_ptr<double>();
-      at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
+  if (auto syrk = snp_fast::blas::dsyrk(); syrk != nullptr && N < (int64_t{1} << 31)) {
+    // each task converts its own Q, K to float64 (no copy of the whole batch) and forms the two Grams by
+    // syrk (half the products of a GEMM) while they are in cache
+    const auto dtype = at::promote_types(q.scalar_type(), k.scalar_type());
+    auto qc = q.to(dtype).contiguous(), kc = k.to(dtype).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "qk_scores_cpu", [&] {
+      const scalar_t* qp = qc.data_ptr<scalar_t>();
+      const scalar_t* kp = kc.data_ptr<scalar_t>();
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         Work w(d);
-        std::vector<double> gq(d * d), gk(d * d);
+        std::vector<double> xq(N * d), xk(N * d), gq(d * d), gk(d * d);
         for (int64_t t = begin; t < end; ++t) {
-          snp_fast::blas::syrk_lower(syrk, qp + t * N * d, N, d, d, gq.data());
-          snp_fast::blas::syrk_lower(syrk, kp + t * N * d, N, d, d, gk.data());
+          const scalar_t* qt = qp + t * N * d;
+          const scalar_t* kt = kp + t * N * d;
+          for (int64_t i = 0; i < N * d; ++i) {
+            xq[i] = static_cast<double>(qt[i]);
+            xk[i] = static_cast<double>(kt[i]);
+          }
+          snp_fast::blas::syrk_lower(syrk, xq.data(), N, d, d, gq.data());
+          snp_fast::blas::syrk_lower(syrk, xk.data(), N, d, d, gk.data());
           for (int64_t i = 0; i < d; ++i) {
             for (int64_t j = i + 1; j < d; ++j) {
               gq[i * d + j] = gq[j * d + i];
               gk[i * d + j] = gk[j * d + i];
             }
           }
-          qk_one(gq.data(), gk.data(), d, g, outc + t * d, w);
+          qk_one(gq.data(), gk.data(), d, g, out + t * d, w);
         }
       });
-      continue;
-    }
+    });
+    return out64.sum(0).to(at::kFloat);
+  }
+  // without syrk: batched GEMM Grams, images in chunks that bound the float64 copies to ~32 MiB each
+  const int64_t per_image = H * N * d * static_cast<int64_t>(sizeof(double));
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(per_image, 1));
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t nb = std::min(chunk, B - b0);
+    auto qd = q.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
+    auto kd = k.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
     auto gq = at::matmul(qd.transpose(1, 2), qd).contiguous();
     auto gk = at::matmul(kd.transpose(1, 2), kd).contiguous();
     const double* gqp = gq.data_ptr<double>();
     const double* gkp = gk.data_ptr<double>();
+    double* outc = out + b0 * H * d;
     at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
       Work w(d);
       for (int64_t t = begin; t < end; ++t) qk_one(gqp + t * d * d, gkp + t * d * d, d, g, outc + t * d, w);
