@@ -13,8 +13,10 @@
 //   3. cos(u_j, q_i) = (x_jᵀ R)_i / ‖q_i‖ and, since v_j = Sᵀu_j/σ_j,
 //      cos(v_j, k_i) = (x_jᵀ R G_k)_i / (σ_j ‖k_i‖): only R (not a root of G_k) is needed.
 //   4. The top eigenpairs of B: Householder tridiagonalisation, all eigenvalues by implicit QL
-//      (no vectors), then only the needed eigenvectors by inverse iteration on the tridiagonal
-//      (re-orthogonalised within clusters, as LAPACK's dstein), back-transformed by the reflectors.
+//      (no vectors; the QL iterations of kGroup tasks run interleaved, one rotation of each in turn,
+//      since each is a chain of dependent sqrt/div), then only the needed eigenvectors by inverse
+//      iteration on the tridiagonal (re-orthogonalised within clusters, as LAPACK's dstein),
+//      back-transformed by the reflectors.
 // Squaring (B has eigenvalues σ²) costs nothing here: the σ threshold is σ_j² > 1e-8 σ_1², eight
 // orders above float64 rounding of B. The thresholds are those of snp_fast/ops/reference.py.
 #include <torch/extension.h>
@@ -24,6 +26,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "blas.h"
@@ -83,12 +86,15 @@ struct Work {
       : gemm(snp_fast::blas::dgemm()),
         R(d * d), C(d * d), A(d * d), V(d * d), Z(d * d), Zt(d * d), P(d * d), Pk(d * d), u1(d * d), u2(d * d),
         mult(d * d), sw(d * d), ip(d * d), beta(d), diag(d), off(d), lam(d), dres(d), x(d), shift(d), cd(d), cs(d),
-        done(d), cluster(d) {}
+        done(d), cluster(d), e2(d), qn2(d), kn2(d) {}
   snp_fast::blas::gemm_fn<double> gemm;
   std::vector<double> R, C, A, V, Z, Zt, P, Pk, u1, u2, mult, sw, ip;
   std::vector<double> beta, diag, off, lam, dres, x, shift, cd, cs;
   std::vector<char> done;
   std::vector<int64_t> cluster;
+  std::vector<double> e2, qn2, kn2;  // QL scratch; diagonals of G_q, G_k (squared norms of q_i, k_i)
+  int64_t n = 0;                     // rank of Q: order of B
+  double tscale = 1;                 // the scale of the tridiagonal copy in lam, e2
 };
 
 // Pivoted Cholesky, rows of R (row-major r × d, original column order): RᵀR = G up to the dropped
@@ -182,52 +188,99 @@ SNP_INLINE void tridiagonalize(double* A, int64_t n, Work& w) {
   if (n >= 1) off[n - 1] = 0;
 }
 
-// All eigenvalues of the symmetric tridiagonal (d, e) by implicit QL with Wilkinson-type shifts
-// (no vectors); d is overwritten with them, e destroyed. Returns false if an eigenvalue did not converge.
-SNP_INLINE bool tql_values(double* d, double* e, int64_t n) {
-  if (n > 0) e[n - 1] = 0;
-  for (int64_t l = 0; l < n; ++l) {
-    int iter = 0;
-    int64_t m;
-    do {
+// All eigenvalues of symmetric tridiagonals (d, e) by implicit QL with Wilkinson-type shifts (no
+// vectors), d overwritten with them, e destroyed. Each QL sweep is one long chain of dependent
+// sqrt/div; a QLJob is one matrix's iteration, resumable after every rotation, so that tql_values_multi
+// can advance several independent matrices in turn and the core overlaps their chains.
+struct QLJob {
+  enum State { kSearch, kSweep, kDone, kFailed };
+  double* d = nullptr;
+  double* e = nullptr;
+  int64_t n = 0, l = 0, m = 0, i = 0;  // eigenvalue l is being found; a sweep runs from m − 1 down to l, now at i
+  int iter = 0;
+  double s = 1, c = 1, p = 0, g = 0;
+  State state = kDone;
+
+  void reset(double* d_, double* e_, int64_t n_) {
+    d = d_, e = e_, n = n_, l = 0, iter = 0;
+    if (n > 0) e[n - 1] = 0;
+    state = kSearch;
+  }
+
+  // Deflate converged eigenvalues, then set up the next sweep (or finish).
+  SNP_INLINE void search() {
+    while (l < n) {
       for (m = l; m < n - 1; ++m) {
         const double dd = std::fabs(d[m]) + std::fabs(d[m + 1]);
         if (std::fabs(e[m]) <= DBL_EPSILON * dd) break;
       }
-      if (m != l) {
-        if (iter++ == 60) return false;
-        double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-        double r = std::sqrt(g * g + 1.0);
-        g = d[m] - d[l] + e[l] / (g + (g >= 0 ? std::fabs(r) : -std::fabs(r)));
-        double s = 1.0, c = 1.0, p = 0.0;
-        int64_t i;
-        bool underflow = false;
-        for (i = m - 1; i >= l; --i) {
-          double f = s * e[i];
-          const double b = c * e[i];
-          r = std::sqrt(f * f + g * g);  // T is scaled to norm ~1: no overflow
-          e[i + 1] = r;
-          if (r == 0.0) {
-            d[i + 1] -= p;
-            e[m] = 0.0;
-            underflow = true;
-            break;
-          }
-          s = f / r;
-          c = g / r;
-          g = d[i + 1] - p;
-          r = (d[i] - g) * s + 2.0 * c * b;
-          p = s * r;
-          d[i + 1] = g + p;
-          g = c * r - b;
-        }
-        if (underflow) continue;
-        d[l] -= p;
-        e[l] = g;
-        e[m] = 0.0;
+      if (m == l) {
+        ++l;
+        iter = 0;
+        continue;
       }
-    } while (m != l);
+      if (iter++ == 60) {
+        state = kFailed;
+        return;
+      }
+      g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+      const double r = std::sqrt(g * g + 1.0);
+      g = d[m] - d[l] + e[l] / (g + (g >= 0 ? r : -r));
+      s = c = 1.0;
+      p = 0.0;
+      i = m - 1;
+      state = kSweep;
+      return;
+    }
+    state = kDone;
   }
+
+  // One rotation of the sweep.
+  SNP_INLINE void rotate() {
+    const double f = s * e[i], b = c * e[i];
+    double r = std::sqrt(f * f + g * g);  // T is scaled to norm ~1: no overflow
+    e[i + 1] = r;
+    if (r == 0.0) {  // underflow: split the matrix here and search again
+      d[i + 1] -= p;
+      e[m] = 0.0;
+      state = kSearch;
+      return;
+    }
+    s = f / r;
+    c = g / r;
+    const double gi = d[i + 1] - p;
+    r = (d[i] - gi) * s + 2.0 * c * b;
+    p = s * r;
+    d[i + 1] = gi + p;
+    g = c * r - b;
+    if (--i < l) {
+      d[l] -= p;
+      e[l] = g;
+      e[m] = 0.0;
+      state = kSearch;
+    }
+  }
+};
+
+// Runs the jobs to the end, one rotation of each in turn. Returns false if an eigenvalue did not converge.
+SNP_INLINE bool tql_values_multi(QLJob* jobs, int64_t count) {
+  bool active = true;
+  while (active) {
+    active = false;
+    for (int64_t k = 0; k < count; ++k) {
+      QLJob& j = jobs[k];
+      if (j.state == QLJob::kSweep) {
+        j.rotate();
+      } else if (j.state == QLJob::kSearch) {
+        j.search();
+      } else {
+        continue;
+      }
+      active = true;
+    }
+  }
+  for (int64_t k = 0; k < count; ++k)
+    if (jobs[k].state == QLJob::kFailed) return false;
   return true;
 }
 
@@ -300,10 +353,17 @@ SNP_INLINE void tri_solve_multi(double* X, int64_t n, int64_t m, const Work& w) 
   }
 }
 
-// Scores of one (image, head): adds ω_i (i < d) to out. gq, gk: d×d float64 Grams.
-SNP_MULTIVERSION void qk_one(const double* gq, const double* gk, int64_t d, int64_t gamma, double* out, Work& w) {
+// First half of the scores of one (image, head), gq, gk: d×d float64 Grams. Forms B = R G_k Rᵀ, its
+// tridiagonal form, and a copy scaled to norm 1 in (lam, e2) for the eigenvalue iteration; returns false
+// when there is nothing to score (Q or B zero).
+SNP_MULTIVERSION bool qk_reduce(const double* gq, const double* gk, int64_t d, Work& w) {
+  for (int64_t i = 0; i < d; ++i) {
+    w.qn2[i] = gq[i * d + i];
+    w.kn2[i] = gk[i * d + i];
+  }
   const int64_t r = pivoted_cholesky(gq, d, w);
-  if (r == 0) return;
+  w.n = r;
+  if (r == 0) return false;
   const double* R = w.R.data();
   // C = R G_k (r × d), then B = C Rᵀ (r × r, symmetric) into A
   double* C = w.C.data();
@@ -315,14 +375,24 @@ SNP_MULTIVERSION void qk_one(const double* gq, const double* gk, int64_t d, int6
   const int64_t n = r;
   tridiagonalize(A, n, w);
   // keep T for inverse iteration; eigenvalues from copies
-  double* lam = w.lam.data();
-  double* e2 = w.P.data();  // scratch (P is written later)
   double tscale = 0;
   for (int64_t i = 0; i < n; ++i) tscale = std::max({tscale, std::fabs(w.diag[i]), std::fabs(w.off[i])});
-  if (!(tscale > 0)) return;
-  for (int64_t i = 0; i < n; ++i) { lam[i] = w.diag[i] / tscale; e2[i] = w.off[i] / tscale; }
-  TORCH_CHECK(tql_values(lam, e2, n), "qk_scores: tridiagonal QL iteration did not converge");
-  for (int64_t i = 0; i < n; ++i) lam[i] *= tscale;
+  w.tscale = tscale;
+  if (!(tscale > 0)) return false;
+  for (int64_t i = 0; i < n; ++i) {
+    w.lam[i] = w.diag[i] / tscale;
+    w.e2[i] = w.off[i] / tscale;
+  }
+  return true;
+}
+
+// Second half, once lam holds the eigenvalues of the scaled tridiagonal: adds ω_i (i < d) to out.
+SNP_MULTIVERSION void qk_finish(int64_t d, int64_t gamma, double* out, Work& w) {
+  const int64_t n = w.n;
+  const double* R = w.R.data();
+  const double* C = w.C.data();
+  double* lam = w.lam.data();
+  for (int64_t i = 0; i < n; ++i) lam[i] *= w.tscale;
   std::sort(lam, lam + n, [](double a, double b) { return a > b; });
   const double lam1 = lam[0];
   if (!(lam1 > 0)) return;
@@ -414,8 +484,36 @@ SNP_MULTIVERSION void qk_one(const double* gq, const double* gk, int64_t d, int6
     for (int64_t i = 0; i < d; ++i) acc[i] += std::fabs(pj[i] * pkj[i]) * inv_sigma;
   }
   for (int64_t i = 0; i < d; ++i) {
-    const double qn2 = gq[i * d + i], kn2 = gk[i * d + i];
+    const double qn2 = w.qn2[i], kn2 = w.kn2[i];
     if (qn2 > 0 && kn2 > 0) out[i] += acc[i] / std::sqrt(qn2 * kn2);
+  }
+}
+
+constexpr int64_t kGroup = 8;  // tasks whose eigenvalue iterations run interleaved (tql_values_multi)
+
+// Scores of tasks [begin, end) (adds ω of task t to out[t·d ...]), in groups of kGroup. grams(t) returns
+// task t's float64 Grams (G_q, G_k), valid until its next call.
+template <typename Grams>
+void score_tasks(int64_t begin, int64_t end, int64_t d, int64_t gamma, double* out, Grams&& grams) {
+  std::vector<Work> work;
+  work.reserve(kGroup);
+  for (int64_t k = 0; k < kGroup; ++k) work.emplace_back(d);
+  QLJob jobs[kGroup];
+  int64_t task_of_job[kGroup];
+  for (int64_t t0 = begin; t0 < end; t0 += kGroup) {
+    const int64_t count = std::min(kGroup, end - t0);
+    int64_t njobs = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      const auto [gq, gk] = grams(t0 + k);
+      if (!qk_reduce(gq, gk, d, work[k])) continue;
+      jobs[njobs].reset(work[k].lam.data(), work[k].e2.data(), work[k].n);
+      task_of_job[njobs++] = k;
+    }
+    TORCH_CHECK(tql_values_multi(jobs, njobs), "qk_scores: tridiagonal QL iteration did not converge");
+    for (int64_t j = 0; j < njobs; ++j) {
+      const int64_t k = task_of_job[j];
+      qk_finish(d, gamma, out + (t0 + k) * d, work[k]);
+    }
   }
 }
 
@@ -440,9 +538,8 @@ at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma
       const scalar_t* qp = qc.data_ptr<scalar_t>();
       const scalar_t* kp = kc.data_ptr<scalar_t>();
       at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        Work w(d);
         std::vector<double> xq(N * d), xk(N * d), gq(d * d), gk(d * d);
-        for (int64_t t = begin; t < end; ++t) {
+        score_tasks(begin, end, d, g, out, [&](int64_t t) {
           const scalar_t* qt = qp + t * N * d;
           const scalar_t* kt = kp + t * N * d;
           for (int64_t i = 0; i < N * d; ++i) {
@@ -457,8 +554,8 @@ at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma
               gk[i * d + j] = gk[j * d + i];
             }
           }
-          qk_one(gq.data(), gk.data(), d, g, out + t * d, w);
-        }
+          return std::pair<const double*, const double*>(gq.data(), gk.data());
+        });
       });
     });
     return out64.sum(0).to(at::kFloat);
@@ -476,8 +573,9 @@ at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma
     const double* gkp = gk.data_ptr<double>();
     double* outc = out + b0 * H * d;
     at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
-      Work w(d);
-      for (int64_t t = begin; t < end; ++t) qk_one(gqp + t * d * d, gkp + t * d * d, d, g, outc + t * d, w);
+      score_tasks(begin, end, d, g, outc, [&](int64_t t) {
+        return std::pair<const double*, const double*>(gqp + t * d * d, gkp + t * d * d);
+      });
     });
   }
   return out64.sum(0).to(at::kFloat);
