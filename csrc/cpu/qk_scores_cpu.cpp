@@ -52,6 +52,30 @@ SNP_INLINE double dot(const double* a, const double* b, int64_t n) {
   return s;
 }
 
+// y[j0, j0 + W) = y0[...] + scale Σ_{t<T} a[t·a_stride] X[t·ldx + j0 ...] for one block of W columns, summed
+// in registers: the plain order (one axpy into y per t) makes each step wait for the previous step's store.
+template <int64_t W>
+SNP_INLINE void sum_rows_block(double* y, const double* y0, double scale, const double* a, int64_t a_stride,
+                               const double* X, int64_t ldx, int64_t T, int64_t j0) {
+  double acc[W] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const double c = a[t * a_stride];
+    const double* x = X + t * ldx + j0;
+#pragma omp simd
+    for (int64_t jj = 0; jj < W; ++jj) acc[jj] += c * x[jj];
+  }
+  for (int64_t jj = 0; jj < W; ++jj) y[j0 + jj] = (y0 != nullptr ? y0[j0 + jj] : 0.0) + scale * acc[jj];
+}
+
+// y = y0 + scale Σ_{t<T} a[t·a_stride] X[t, :n] (X row-major with row stride ldx; y0 may be null = 0).
+SNP_INLINE void sum_rows(double* y, const double* y0, double scale, const double* a, int64_t a_stride, const double* X,
+                         int64_t ldx, int64_t T, int64_t n) {
+  int64_t j0 = 0;
+  for (; j0 + 32 <= n; j0 += 32) sum_rows_block<32>(y, y0, scale, a, a_stride, X, ldx, T, j0);
+  for (; j0 + 8 <= n; j0 += 8) sum_rows_block<8>(y, y0, scale, a, a_stride, X, ldx, T, j0);
+  for (; j0 < n; ++j0) sum_rows_block<1>(y, y0, scale, a, a_stride, X, ldx, T, j0);
+}
+
 // Row-major C (M×N, row stride ldc) = op(A) op(B), op(A) M×K, op(B) K×N; a_t: A is stored K×M, b_t: B is
 // stored N×K. torch's dgemm when found (~70 GFLOP/s for 64×64 products on one AVX-512 core, several times
 // these loops), else the loops.
@@ -119,14 +143,7 @@ SNP_INLINE int64_t pivoted_cholesky(const double* G, int64_t d, Work& w) {
       if (!done[j] && dres[j] > piv) { piv = dres[j]; p = j; }
     if (p < 0) break;
     double* rs = R + r * d;
-    const double* gp = G + p * d;
-    for (int64_t j = 0; j < d; ++j) rs[j] = gp[j];
-    for (int64_t t = 0; t < r; ++t) {
-      const double* rt = R + t * d;
-      const double c = rt[p];
-      if (c == 0) continue;
-      for (int64_t j = 0; j < d; ++j) rs[j] -= c * rt[j];
-    }
+    sum_rows(rs, G + p * d, -1.0, R + p, d, R, d, r, d);  // G[p, :] − Σ_t R[t, p] R[t, :]
     const double sp = std::sqrt(piv), inv = 1.0 / sp;
     for (int64_t j = 0; j < d; ++j) rs[j] = done[j] ? 0.0 : rs[j] * inv;
     rs[p] = sp;
@@ -166,12 +183,7 @@ SNP_INLINE void tridiagonalize(double* A, int64_t n, Work& w) {
     off[k] = alpha;
     // trailing block A22 (rows/cols k+1..n-1): p = b A22 v, w = p − (b/2)(pᵀv) v, A22 −= v wᵀ + w vᵀ
     double* A22 = A + (k + 1) * n + (k + 1);
-    for (int64_t j = 0; j < m; ++j) p[j] = 0;
-    for (int64_t i = 0; i < m; ++i) {  // p = A22 v as a sum of rows (A22 is symmetric): vectorises
-      const double* row = A22 + i * n;
-      const double vi = b * v[i];
-      for (int64_t j = 0; j < m; ++j) p[j] += vi * row[j];
-    }
+    sum_rows(p, nullptr, b, v, 1, A22, n, m, m);  // p = b A22 v as a sum of rows (A22 is symmetric)
     const double K = 0.5 * b * dot(p, v, m);
     for (int64_t i = 0; i < m; ++i) p[i] -= K * v[i];
     for (int64_t i = 0; i < m; ++i) {
