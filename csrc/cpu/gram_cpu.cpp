@@ -5,13 +5,15 @@
 // Fallback: columns cut into blocks of b; block row I of the upper triangle, G[I, I:] = x[:, I]ᵀ x[:, I:],
 // is one GEMM (column slices of x are strided views: no copies) written straight into G:
 // (nb(nb+1)/2)/nb² of the products (nb = ceil(m/b)).
-// Either way the other triangle is then mirrored.
+// Either way the other triangle is then mirrored, in cache-sized tiles.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "blas.h"
 
@@ -19,20 +21,29 @@ namespace {
 
 int64_t block_size(int64_t m) { return std::min<int64_t>(m, 256); }
 
-// Fill one triangle of g from the other, block by block in parallel. `from_lower`: the lower triangle is
-// the computed one (syrk), whose diagonal blocks are only half filled; otherwise the upper block rows were
-// computed whole (GEMM panels), diagonal blocks included.
+// Fill one triangle of the m×m row-major g from the other. `from_lower`: the lower triangle (diagonal
+// included) is the computed one (syrk); otherwise the upper one (GEMM panels). 64×64 tiles, so that
+// each transposed tile is read from L1 (ATen's copy of a transposed view walks one side with a stride
+// of m floats), spread over the threads tile by tile.
 void mirror(at::Tensor& g, bool from_lower) {
-  const int64_t m = g.size(0), b = block_size(m), nb = (m + b - 1) / b;
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t J = begin; J < end; ++J) {
-      const int64_t j0 = J * b, nj = std::min(b, m - j0);
-      if (from_lower) {
-        auto d = g.narrow(0, j0, nj).narrow(1, j0, nj);
-        d.copy_(d.tril() + d.tril(-1).t());
-        if (j0 > 0) g.narrow(0, 0, j0).narrow(1, j0, nj).copy_(g.narrow(0, j0, nj).narrow(1, 0, j0).t());
-      } else if (j0 > 0) {
-        g.narrow(0, j0, nj).narrow(1, 0, j0).copy_(g.narrow(0, 0, j0).narrow(1, j0, nj).t());
+  constexpr int64_t b = 64;
+  const int64_t m = g.size(0), nb = (m + b - 1) / b;
+  float* p = g.data_ptr<float>();
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (I, J), J ≥ I: tiles of the upper triangle
+  for (int64_t I = 0; I < nb; ++I)
+    for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = tiles[t].first * b, j0 = tiles[t].second * b;
+      const int64_t ni = std::min(b, m - i0), nj = std::min(b, m - j0);
+      for (int64_t i = 0; i < ni; ++i) {
+        float* up = p + (i0 + i) * m + j0;  // row i0 + i of the upper tile
+        const int64_t j_first = i0 == j0 ? i + 1 : 0;
+        if (from_lower) {
+          for (int64_t j = j_first; j < nj; ++j) up[j] = p[(j0 + j) * m + i0 + i];
+        } else {
+          for (int64_t j = j_first; j < nj; ++j) p[(j0 + j) * m + i0 + i] = up[j];
+        }
       }
     }
   });
