@@ -207,6 +207,22 @@ def test_redundancy_low_precision(dtype):
         check_redundancy(w, backend)
 
 
+@pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
+def test_redundancy_cpu_without_blas_syrk():
+    """The CPU kernel's diagonal tiles go through torch's BLAS syrk when found (one triangle, both sums
+    from it), through full GEMM tiles otherwise: both equal the oracle, one tile or several."""
+    from snp_fast import _C
+    try:
+        for enabled in (True, False):
+            _C.blas(enabled)
+            for shape in [(2, 3), (200, 33), (1023, 77), (2053, 37)]:
+                w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+                w[1] = 0
+                check_redundancy(w, 'cpu')
+    finally:
+        _C.blas(True)
+
+
 def test_redundancy_all_zero():
     for backend in backends_for('redundancy_scores'):
         assert ops.redundancy_scores(torch.zeros(5, 4), backend=backend).eq(0).all()

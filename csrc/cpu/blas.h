@@ -81,4 +81,12 @@ inline void syrk_lower(syrk_fn<T> f, const T* x, int64_t n, int64_t d, int64_t l
   f("U", "N", &d, &n, &alpha, x, &ldx, &beta, c, &d);
 }
 
+// Lower (row-major) triangle of the n×n `c` = x xᵀ for a row-major (n, k) x with row stride ldx (row-major
+// x is the column-major k×n matrix A, and A has to be transposed: C = Aᵀ A).
+template <typename T>
+inline void syrk_rows_lower(syrk_fn<T> f, const T* x, int64_t n, int64_t k, int64_t ldx, T* c, int64_t ldc) {
+  const T alpha = 1, beta = 0;
+  f("U", "T", &n, &k, &alpha, x, &ldx, &beta, c, &ldc);
+}
+
 }  // namespace snp_fast::blas

@@ -2,15 +2,17 @@
 //
 // Rows are normalised once (float32, norms accumulated in float64); the cosine matrix is never formed:
 // it is visited in T×T tiles over the upper triangle of tile pairs only (I ≤ J), each tile one BLAS GEMM
-// into a per-thread buffer, with an abs + row-sum epilogue that credits both row blocks (row sums to
-// block I, column sums to block J). Half the products of the full n×n route, O(T²) extra memory per
-// thread. A zero row has no direction: its cosines are 0 and its own score is 0 (as the reference).
+// (a syrk, one triangle, for the diagonal tiles when torch's BLAS exports one: blas.h) into a per-thread
+// buffer, with an abs + row-sum epilogue that credits both row blocks (row sums to block I, column sums
+// to block J). Half the products of the full n×n route, O(T²) extra memory per thread. A zero row has no direction: its cosines are 0 and its own score is 0 (as the reference).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "blas.h"
 
 namespace {
 
@@ -42,6 +44,7 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
   // one row-sum accumulator per thread (deterministic for a fixed thread count), reduced at the end
   const int64_t nthreads = at::get_num_threads();
   std::vector<std::vector<double>> acc(nthreads, std::vector<double>(n, 0.0));
+  const auto syrk = m < (int64_t{1} << 31) ? snp_fast::blas::ssyrk() : nullptr;
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
     double* a = acc[tid].data();
@@ -50,11 +53,29 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
     for (int64_t p = begin; p < end; ++p) {
       const auto [I, J] = pairs[p];
       const int64_t i0 = I * T, ni = std::min(T, n - i0), j0 = J * T, nj = std::min(T, n - j0);
+      std::fill(colsum.begin(), colsum.begin() + nj, 0.0f);
+      if (I == J && syrk != nullptr) {  // lower triangle only: row i's |cos| are c[i, :i+1] and c[i+1:, i]
+        float* cp = tile.data_ptr<float>();
+        snp_fast::blas::syrk_rows_lower(syrk, wn.data_ptr<float>() + i0 * m, ni, m, m, cp, T);
+        for (int64_t i = 0; i < ni; ++i) {
+          const float* row = cp + i * T;
+          float s = 0;
+          float* cs = colsum.data();
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < i; ++j) {
+            const float v = std::fabs(row[j]);
+            s += v;
+            cs[j] += v;
+          }
+          a[i0 + i] += s + std::fabs(row[i]);
+        }
+        for (int64_t j = 0; j < ni; ++j) a[i0 + j] += colsum[j];
+        continue;
+      }
       auto c = tile.narrow(0, 0, ni).narrow(1, 0, nj);
       if (ni != T || nj != T) c = at::empty({ni, nj}, wn.options());
       at::mm_out(c, wn.narrow(0, i0, ni), wn.narrow(0, j0, nj).t());
       const float* cp = c.data_ptr<float>();
-      std::fill(colsum.begin(), colsum.begin() + nj, 0.0f);
       for (int64_t i = 0; i < ni; ++i) {
         const float* row = cp + i * nj;
         float s = 0;
