@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .macs import count_macs, meta_copy
-from .models import vit
+from .models import roles, vit
 from .models.vit import BlockSelection, ModelDims, Selection
 from .ratios import resolve_ratios, target_dims
 from .refit import DEFAULT_DAMP
@@ -272,10 +272,10 @@ def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch
             stats = {}
             od = vit.model_dims(model)
             for i, (ob, pb) in enumerate(zip(model.blocks, pruned.blocks)):
-                taps = {'qkv': (ob.attn.qkv, 'out'), 'proj_out': (ob.attn.proj, 'out'),
-                        'fc1': (ob.mlp.fc1, 'out'), 'fc2_in': (ob.mlp.fc2, 'in'), 'fc2_out': (ob.mlp.fc2, 'out')}
-                x_next, cap = _P._run_captured(ob, x, taps, batch_size)
-                xp = _P._refit_block(pb, xp, cap, sel.blocks[i], sel.embed, od.blocks[i].heads, od.blocks[i].qk,
+                x_next, cap = _P._run_captured(ob, x, _P._block_taps(ob, sel.embed, sel.blocks[i].mlp), batch_size)
+                if 'attn_in' in cap:
+                    cap['qkv'] = roles.qkv_output(ob.attn, cap.pop('attn_in'))
+                xp = _P._refit_block(pb, xp, cap, sel.blocks[i], od.blocks[i].heads, od.blocks[i].qk,
                                      damp, refit_tokens, gen, batch_size, backend, stats, i)
                 x = x_next
             _P._refit_heads(model, pruned, x, xp, sel.embed, damp, refit_tokens, gen, batch_size, backend, stats)

@@ -80,12 +80,11 @@ class LinearFit:
         self.tokens += x.shape[0]
 
     def _gram(self) -> torch.Tensor:
-        g = self.xtx.double()
         if not self.bias:
-            return g
-        n = g.shape[0]
-        full = g.new_empty(n + 1, n + 1)
-        full[:n, :n] = g
+            return self.xtx.double()
+        n = self.xtx.shape[0]
+        full = self.xsum.new_empty(n + 1, n + 1)  # filled in place: no second fp64 copy of the n×n block
+        full[:n, :n] = self.xtx
         full[n, :n] = full[:n, n] = self.xsum
         full[n, n] = self.tokens
         return full
@@ -99,16 +98,19 @@ class LinearFit:
             raise ValueError(f'damp must be >= 0, got {damp}')
         g = self._gram()
         scale = g.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        delta, lam = None, damp * scale
+        diag = g.diagonal().clone()
         for jitter in (0.0, 1e-10, 1e-8, 1e-6):
             lam = (damp + jitter) * scale
-            chol, info = torch.linalg.cholesky_ex(g + lam * eye)
+            g.diagonal().copy_(diag + lam)  # G + λI in place: no identity matrix or sum beside G
+            chol, info = torch.linalg.cholesky_ex(g)
             if int(info) == 0:
-                delta = torch.cholesky_solve(self.xtr, chol)  # (in[+1], out) = ΔWᵀ
                 break
-        if delta is None:  # numerically singular even with jitter: least-norm solution
-            delta = torch.linalg.lstsq(g + lam * eye, self.xtr).solution
+        if int(info) == 0:
+            del g  # cholesky_solve copies the factor: G is not held beside both (3 n×n fp64 matrices)
+            delta = torch.cholesky_solve(self.xtr, chol)  # (in[+1], out) = ΔWᵀ
+        else:  # numerically singular even with jitter: least-norm solution
+            delta = torch.linalg.lstsq(g, self.xtr).solution
+        del chol
         yy = self.yy.clamp_min(torch.finfo(torch.float64).tiny)
         before = float(self.rr / yy)
         if before <= (4 * torch.finfo(self.layer.weight.dtype).eps) ** 2:
