@@ -502,11 +502,12 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
                 qk_sel = torch.arange(bd.qk).expand(bd.heads, bd.qk).clone()
             elif qk_criterion == 'snp':
                 q, k = _split_qk(ob.attn, cap['qkv'], H, d)
-                q, k = q[:, heads], k[:, heads]
+                if heads.numel() < H:  # (all heads kept: the strided views, no copy)
+                    q, k = q[:, heads], k[:, heads]
                 s = sum(ops.qk_scores(qc, kc, gamma or bd.qk, backend=backend)
                         for qc, kc in zip(_chunks(q, batch), _chunks(k, batch)))
                 qk_sel = select_per_head(s, bd.qk)
-                del q, k  # copies of the kept heads' q/k: not held through the re-fit
+                del q, k  # not held through the re-fit
             else:
                 qk_sel = select_per_head(qk_magnitude(roles.qkv_weight(ob.attn)[0], H, d)[heads], bd.qk)
         with timer('selection'):
