@@ -53,43 +53,37 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
     for (int64_t p = begin; p < end; ++p) {
       const auto [I, J] = pairs[p];
       const int64_t i0 = I * T, ni = std::min(T, n - i0), j0 = J * T, nj = std::min(T, n - j0);
-      std::fill(colsum.begin(), colsum.begin() + nj, 0.0f);
-      if (I == J && syrk != nullptr) {  // lower triangle only: row i's |cos| are c[i, :i+1] and c[i+1:, i]
-        float* cp = tile.data_ptr<float>();
-        snp_fast::blas::syrk_rows_lower(syrk, wn.data_ptr<float>() + i0 * m, ni, m, m, cp, T);
-        for (int64_t i = 0; i < ni; ++i) {
-          const float* row = cp + i * T;
-          float s = 0;
-          float* cs = colsum.data();
-#pragma omp simd reduction(+ : s)
-          for (int64_t j = 0; j < i; ++j) {
-            const float v = std::fabs(row[j]);
-            s += v;
-            cs[j] += v;
-          }
-          a[i0 + i] += s + std::fabs(row[i]);
-        }
-        for (int64_t j = 0; j < ni; ++j) a[i0 + j] += colsum[j];
-        continue;
+      // the tile's cosines: the lower triangle only for a diagonal tile by syrk (row i's |cos| are then
+      // c[i, :i+1] and c[i+1:, i]), else the whole ni × nj tile by GEMM
+      const bool lower = I == J && syrk != nullptr;
+      at::Tensor c;  // the GEMM's tile (a smaller one at the matrix's edge)
+      const float* cp;
+      int64_t ld = T;
+      if (lower) {
+        snp_fast::blas::syrk_rows_lower(syrk, wn.data_ptr<float>() + i0 * m, ni, m, m, tile.data_ptr<float>(), T);
+        cp = tile.data_ptr<float>();
+      } else {
+        c = ni == T && nj == T ? tile : at::empty({ni, nj}, wn.options());
+        at::mm_out(c, wn.narrow(0, i0, ni), wn.narrow(0, j0, nj).t());
+        cp = c.data_ptr<float>();
+        ld = nj;
       }
-      auto c = tile.narrow(0, 0, ni).narrow(1, 0, nj);
-      if (ni != T || nj != T) c = at::empty({ni, nj}, wn.options());
-      at::mm_out(c, wn.narrow(0, i0, ni), wn.narrow(0, j0, nj).t());
-      const float* cp = c.data_ptr<float>();
+      std::fill(colsum.begin(), colsum.begin() + nj, 0.0f);
+      float* cs = colsum.data();
       for (int64_t i = 0; i < ni; ++i) {
-        const float* row = cp + i * nj;
+        const float* row = cp + i * ld;
+        const int64_t len = lower ? i : nj;
         float s = 0;
-        float* cs = colsum.data();
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < nj; ++j) {
+        for (int64_t j = 0; j < len; ++j) {
           const float v = std::fabs(row[j]);
           s += v;
           cs[j] += v;
         }
-        a[i0 + i] += s;
+        a[i0 + i] += lower ? s + std::fabs(row[i]) : s;
       }
-      if (I != J)
-        for (int64_t j = 0; j < nj; ++j) a[j0 + j] += colsum[j];
+      if (lower || I != J)  // column sums: the same rows' (lower) or block J's (off-diagonal) share
+        for (int64_t j = 0; j < nj; ++j) a[(lower ? i0 : j0) + j] += colsum[j];
     }
   });
   const double* np = norms.data_ptr<double>();
