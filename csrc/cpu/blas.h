@@ -14,7 +14,7 @@
 
 namespace snp_fast::blas {
 
-// Fortran BLAS ?syrk. Integers are passed as int64: on little-endian machines an LP64 BLAS reads the low
+// Fortran BLAS ?gemm and ?syrk. Integers are passed as int64: on little-endian machines an LP64 BLAS reads the low
 // 32 bits of the same storage, so this is right for LP64 and ILP64 builds alike (callers keep them < 2^31).
 template <typename T>
 using gemm_fn = void (*)(const char* transa, const char* transb, const int64_t* m, const int64_t* n, const int64_t* k,

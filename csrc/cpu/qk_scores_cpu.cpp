@@ -104,7 +104,7 @@ SNP_INLINE void matmul_rm(snp_fast::blas::gemm_fn<double> gemm, bool a_t, bool b
   }
 }
 
-// Work arrays for one matrix of head dim d (allocated once per parallel chunk).
+// Work arrays for one matrix of head dim d (kGroup of them allocated once per parallel chunk).
 struct Work {
   explicit Work(int64_t d)
       : gemm(snp_fast::blas::dgemm()),

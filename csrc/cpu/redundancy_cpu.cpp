@@ -4,7 +4,8 @@
 // it is visited in T×T tiles over the upper triangle of tile pairs only (I ≤ J), each tile one BLAS GEMM
 // (a syrk, one triangle, for the diagonal tiles when torch's BLAS exports one: blas.h) into a per-thread
 // buffer, with an abs + row-sum epilogue that credits both row blocks (row sums to block I, column sums
-// to block J). Half the products of the full n×n route, O(T²) extra memory per thread. A zero row has no direction: its cosines are 0 and its own score is 0 (as the reference).
+// to block J). Half the products of the full n×n route, O(T²) extra memory per thread. A zero row has
+// no direction: its cosines are 0 and its own score is 0 (as the reference).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,8 +17,8 @@
 
 namespace {
 
-// Tile edge: large enough for efficient GEMMs, small enough that the diagonal tiles (computed in
-// full) waste little: the cost is (nb(nb+1)/2)/nb² of the full product, nb = ceil(n / T).
+// Tile edge: large enough for efficient GEMMs, small enough that the diagonal tiles waste little when
+// they are computed in full (no syrk): the cost is then (nb(nb+1)/2)/nb² of the full product, nb = ceil(n / T).
 int64_t tile_size(int64_t n) {
   if (n <= 256) return n;
   return n >= 2048 ? 512 : 256;
