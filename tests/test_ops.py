@@ -223,6 +223,21 @@ def test_redundancy_cpu_without_blas_syrk():
         _C.blas(True)
 
 
+@pytest.mark.parametrize('n', [300, 1500])  # one tile / several
+def test_redundancy_extreme_row_norms(n):
+    """Rows of norm ~1e30 or ~1e-30 would overflow / go subnormal in fp32 products of the raw rows: the
+    CPU kernel then multiplies normalised rows instead; both routes equal the oracle."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 40, generator=g)
+    for scale in (1e30, 1e-30, 2.0 ** 39):
+        v = w.clone()
+        v[3::7] *= scale
+        for backend in backends_for('redundancy_scores'):
+            if backend == 'triton' and n > 300:
+                continue
+            check_redundancy(v, backend)
+
+
 def test_redundancy_all_zero():
     for backend in backends_for('redundancy_scores'):
         assert ops.redundancy_scores(torch.zeros(5, 4), backend=backend).eq(0).all()
