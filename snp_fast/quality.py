@@ -272,7 +272,8 @@ def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch
             stats = {}
             od = vit.model_dims(model)
             for i, (ob, pb) in enumerate(zip(model.blocks, pruned.blocks)):
-                x_next, cap = _P._run_captured(ob, x, _P._block_taps(ob, sel.embed, sel.blocks[i].mlp), batch_size)
+                x_next, cap = _P._run_captured(ob, x, _P._block_taps(ob, sel.embed, sel.blocks[i].mlp), batch_size,
+                                               backend=backend)
                 if 'attn_in' in cap:
                     cap['qkv'] = roles.qkv_output(ob.attn, cap.pop('attn_in'))
                 xp = _P._refit_block(pb, xp, cap, sel.blocks[i], od.blocks[i].heads, od.blocks[i].qk,

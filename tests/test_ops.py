@@ -319,6 +319,38 @@ def test_gather_slices_matches_loop():
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) and a.is_contiguous()
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.float64, torch.int8, torch.bool])
+def test_gather_slices_random(dtype):
+    """Seeded sweep: 1-4 dims, odd sizes, slices along the innermost dim (the CPU kernel's own row gather)
+    and any other, one or two per tensor, repeated / unsorted / empty indices, non-contiguous sources."""
+    g = torch.Generator().manual_seed(11)
+    tensors, slices = [], []
+    for case in range(24):
+        shape = torch.randint(1, 9, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        if case % 6 == 0:
+            shape[-1] = 3001  # rows long enough for the parallel row split
+        t = (torch.randn(shape, generator=g) * 50).to(dtype)
+        if case % 4 == 1 and t.dim() >= 2:
+            t = t.transpose(0, -1)  # a non-contiguous source
+        dims = torch.randperm(t.dim(), generator=g).tolist()
+        if case % 3 == 0:  # the innermost dim first
+            dims.remove(t.dim() - 1)
+            dims.insert(0, t.dim() - 1)
+        dims = dims[:1 + case % 2]
+        per = []
+        for d in dims:
+            k = int(torch.randint(0, 2 * t.shape[d] + 1, (1,), generator=g))
+            per.append((d, torch.randint(0, t.shape[d], (k,), generator=g)))
+        tensors.append(t)
+        slices.append(per)
+    want = reference.gather_slices_loop(tensors, slices)
+    for backend in backends_for('gather_slices'):
+        got = ops.gather_slices(tensors, slices, backend=backend)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous(), (backend, i)
+            assert torch.equal(a, b), (backend, i, tensors[i].shape, [d for d, _ in slices[i]])
+
+
 def test_gather_slices_rejects_bad_index():
     for backend in backends_for('gather_slices'):
         with pytest.raises(RuntimeError, match='out of range'):
