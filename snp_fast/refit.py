@@ -47,11 +47,11 @@ class LinearFit:
         self.layer = layer
         self.backend = backend
         self.bias = layer.bias is not None
-        n_in = layer.in_features + (1 if self.bias else 0)
+        # accumulators, made by the first batch (a one-batch fit then makes no zero-filled copies)
+        self.xtx: Optional[torch.Tensor] = None   # (in, in) fp32
+        self.xsum: Optional[torch.Tensor] = None  # (in,) fp64
+        self.xtr: Optional[torch.Tensor] = None   # (in[+1], out) fp64, the last row from the bias
         dev = layer.weight.device
-        self.xtx = torch.zeros(layer.in_features, layer.in_features, device=dev, dtype=torch.float32)
-        self.xsum = torch.zeros(layer.in_features, device=dev, dtype=torch.float64)
-        self.xtr = torch.zeros(n_in, layer.out_features, device=dev, dtype=torch.float64)
         self.rr = torch.zeros((), device=dev, dtype=torch.float64)
         self.yy = torch.zeros((), device=dev, dtype=torch.float64)
         self.tokens = 0
@@ -69,14 +69,21 @@ class LinearFit:
             b = self.layer.bias.detach().float() if self.bias else None
             pred = torch.nn.functional.linear(x, self.layer.weight.detach().float(), b)
         r = y - pred.reshape(y.shape).float()
-        ops.gram(x, out=self.xtx, backend=self.backend)
+        g = ops.gram(x, backend=self.backend)
         # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64
-        self.xsum += x.sum(0)
-        self.xtr[:x.shape[1]] += x.t() @ r
+        xtr = x.t() @ r
         if self.bias:
-            self.xtr[-1] += r.sum(0)
-        self.rr += r.flatten().dot(r.flatten())
-        self.yy += y.flatten().dot(y.flatten())
+            xtr = torch.cat([xtr, r.sum(0, keepdim=True)])
+        if self.xtx is None:
+            self.xtx, self.xsum, self.xtr = g, x.sum(0).double(), xtr.double()
+        else:
+            self.xtx += g
+            self.xsum += x.sum(0)
+            self.xtr += xtr
+        r = r.flatten()
+        self.rr += r.dot(r)
+        y = y.flatten()
+        self.yy += y.dot(y)
         self.tokens += x.shape[0]
 
     def _gram(self) -> torch.Tensor:
@@ -96,6 +103,11 @@ class LinearFit:
             raise RuntimeError('LinearFit.solve called before any calibration batch was added')
         if damp < 0:
             raise ValueError(f'damp must be >= 0, got {damp}')
+        yy = self.yy.clamp_min(torch.finfo(torch.float64).tiny)
+        before = float(self.rr / yy)
+        if before <= (4 * torch.finfo(self.layer.weight.dtype).eps) ** 2:
+            # the sliced layer already matches to the layer's own rounding: nothing real to fit
+            return RefitStats(self.tokens, before, before)
         g = self._gram()
         scale = g.diagonal().mean().clamp_min(1e-12)
         diag = g.diagonal().clone()
@@ -111,14 +123,9 @@ class LinearFit:
         else:  # numerically singular even with jitter: least-norm solution
             delta = torch.linalg.lstsq(g, self.xtr).solution
         del chol
-        yy = self.yy.clamp_min(torch.finfo(torch.float64).tiny)
-        before = float(self.rr / yy)
-        if before <= (4 * torch.finfo(self.layer.weight.dtype).eps) ** 2:
-            # the sliced layer already matches to the layer's own rounding: nothing real to fit
-            return RefitStats(self.tokens, before, before)
         # ‖R − XΔ‖² = ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, GΔ⟩, and GΔ = XᵀR − λΔ at the solution
-        cross = (delta * self.xtr).sum()
-        after_abs = self.rr - cross - lam * (delta * delta).sum()
+        d = delta.flatten()
+        after_abs = self.rr - d.dot(self.xtr.flatten()) - lam * d.dot(d)
         after = float(after_abs.clamp_min(0) / yy)
         if not torch.isfinite(delta).all() or after >= before:  # never worse than plain slicing
             return RefitStats(self.tokens, before, before)

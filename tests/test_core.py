@@ -241,6 +241,26 @@ def test_refit_reproduces_output_when_removed_filter_is_collinear():
         assert err_after <= (1e-5 if tol is None else tol * err_before), (damp, err_after, err_before)
 
 
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_fit_streams_batches(bias):
+    """Accumulating XᵀX, XᵀR and the error sums over several batches gives the one-batch fit."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(300, 9, generator=g), torch.randn(4, 9, generator=g)
+    y = x @ w.t() + 0.1 * torch.randn(300, 4, generator=g)
+    layers = [nn.Linear(6, 4, bias=bias) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    one, many = LinearFit(layers[0]), LinearFit(layers[1])
+    one.add(x[:, :6], y)
+    for part in (slice(0, 7), slice(7, 200), slice(200, 300)):
+        many.add(x[part, :6], y[part])
+    s1, s2 = one.solve(), many.solve()
+    assert s1.tokens == s2.tokens == 300 and s1.err_refit < 0.9 * s1.err_sliced
+    assert s2.err_sliced == pytest.approx(s1.err_sliced, rel=1e-5) and s2.err_refit == pytest.approx(s1.err_refit, rel=1e-4)
+    assert torch.allclose(layers[0].weight, layers[1].weight, atol=1e-5)
+    if bias:
+        assert torch.allclose(layers[0].bias, layers[1].bias, atol=1e-5)
+
+
 def test_refit_never_increases_layer_error():
     model = tiny('deit_small_distilled_patch16_224')
     x = images(8)
