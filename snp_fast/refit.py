@@ -50,7 +50,9 @@ class LinearFit:
         # accumulators, made by the first batch (a one-batch fit then makes no zero-filled copies)
         self.xtx: Optional[torch.Tensor] = None   # (in, in) fp32
         self.xsum: Optional[torch.Tensor] = None  # (in,) fp64
-        self.xtr: Optional[torch.Tensor] = None   # (in[+1], out) fp64, the last row from the bias
+        self.rtx: Optional[torch.Tensor] = None   # (out, in[+1]) fp64 = (XᵀR)ᵀ, the last column from the bias;
+        # stored transposed because LAPACK's solve takes and returns column-major matrices: then neither the
+        # right-hand side nor the solution ΔWᵀ is copied to another layout
         dev = layer.weight.device
         self.rr = torch.zeros((), device=dev, dtype=torch.float64)
         self.yy = torch.zeros((), device=dev, dtype=torch.float64)
@@ -71,15 +73,19 @@ class LinearFit:
         r = y - pred.reshape(y.shape).float()
         g = ops.gram(x, backend=self.backend)
         # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64
-        xtr = x.t() @ r
-        if self.bias:
-            xtr = torch.cat([xtr, r.sum(0, keepdim=True)])
+        rtx, n = r.t() @ x, x.shape[1]
         if self.xtx is None:
-            self.xtx, self.xsum, self.xtr = g, x.sum(0).double(), xtr.double()
+            self.xtx, self.xsum = g, x.sum(0).double()
+            self.rtx = rtx.new_empty((rtx.shape[0], n + self.bias), dtype=torch.float64)
+            self.rtx[:, :n] = rtx
+            if self.bias:
+                self.rtx[:, n] = r.sum(0)
         else:
             self.xtx += g
             self.xsum += x.sum(0)
-            self.xtr += xtr
+            self.rtx[:, :n] += rtx
+            if self.bias:
+                self.rtx[:, n] += r.sum(0)
         r = r.flatten()
         self.rr += r.dot(r)
         y = y.flatten()
@@ -119,20 +125,23 @@ class LinearFit:
                 break
         if int(info) == 0:
             del g  # cholesky_solve copies the factor: G is not held beside both (3 n×n fp64 matrices)
-            delta = torch.cholesky_solve(self.xtr, chol)  # (in[+1], out) = ΔWᵀ
+            delta = torch.cholesky_solve(self.rtx.t(), chol)  # (in[+1], out) = ΔWᵀ, column-major
         else:  # numerically singular even with jitter: least-norm solution
-            delta = torch.linalg.lstsq(g, self.xtr).solution
+            delta = torch.linalg.lstsq(g, self.rtx.t()).solution
         del chol
+        dw = delta.t()  # (out, in[+1]) = ΔW (and Δb), row-major
+        d = dw.reshape(-1)
         # ‖R − XΔ‖² = ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, GΔ⟩, and GΔ = XᵀR − λΔ at the solution
-        d = delta.flatten()
-        after_abs = self.rr - d.dot(self.xtr.flatten()) - lam * d.dot(d)
-        after = float(after_abs.clamp_min(0) / yy)
-        if not torch.isfinite(delta).all() or after >= before:  # never worse than plain slicing
+        cross, dd = d.dot(self.rtx.reshape(-1)), d.dot(d)
+        if not bool(torch.isfinite(cross) & torch.isfinite(dd)):  # a non-finite Δ makes one of them so
+            return RefitStats(self.tokens, before, before)
+        after = float((self.rr - cross - lam * dd).clamp_min(0) / yy)
+        if after >= before:  # never worse than plain slicing
             return RefitStats(self.tokens, before, before)
         n_in = self.layer.in_features
         w = self.layer.weight
-        w.data.copy_((w.detach().double() + delta[:n_in].t()).to(w.dtype))
+        w.data.copy_((w.detach().double() + dw[:, :n_in]).to(w.dtype))
         if self.bias:
             b = self.layer.bias
-            b.data.copy_((b.detach().double() + delta[n_in]).to(b.dtype))
+            b.data.copy_((b.detach().double() + dw[:, n_in]).to(b.dtype))
         return RefitStats(self.tokens, before, after)

@@ -163,7 +163,8 @@ def mlp_fc1_rows(mlp: nn.Module, sel: torch.Tensor) -> Dict[str, torch.Tensor]:
 def mlp_in_weight(mlp: nn.Module) -> torch.Tensor:
     """(hidden, parts * in_features): every input weight of each neuron, the rows its redundancy score compares."""
     h = mlp_hidden(mlp)
-    return torch.cat([getattr(mlp, n).weight[o:o + h] for n, o in _fc1_parts(mlp)], dim=1)
+    parts = [getattr(mlp, n).weight[o:o + h] for n, o in _fc1_parts(mlp)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (one part: no copy of the weight)
 
 
 def mlp_plan(plan: Plan, prefix: str, mlp: nn.Module, sel: torch.Tensor, embed: torch.Tensor, norm_plan) -> None:
