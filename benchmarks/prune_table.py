@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"{backend:>9} refit={refit!s:5} forward {r['forward_s']:.2f}s  prune {r['prune_s']:.2f}s  "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB (model {r['model_mb']:.0f} MB)", flush=True)
-    phases = ['calibration', 'qk_scoring', 'selection', 'slicing', 'refit', 'rebuild']
+    phases = ['calibration', 'qk_scoring', 'redundancy', 'selection', 'slicing', 'refit', 'rebuild']
     head = ('| backend | re-fit | plain forward (s) | ' + ' | '.join(phases)
             + ' | beyond calibration | total prune (s) | peak RSS / fp32 model |')
     lines = [f'### {args.model}, {args.images} calibration images, ratio {args.ratio} '

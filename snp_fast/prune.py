@@ -19,7 +19,7 @@ import functools
 import math
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -38,7 +38,7 @@ from .scores import (EMBED_CRITERIA, HEAD_CRITERIA, QK_CRITERIA, ROW_CRITERIA, c
 __all__ = ['prune', 'PruneReport', 'RECIPE_FORMAT', 'branch_scores', 'BRANCH_CRITERIA']
 
 RECIPE_FORMAT = 'snp_fast.recipe/1'
-PHASES = ('calibration', 'qk_scoring', 'selection', 'slicing', 'refit', 'rebuild')
+PHASES = ('calibration', 'qk_scoring', 'redundancy', 'selection', 'slicing', 'refit', 'rebuild')
 
 
 @dataclass
@@ -95,16 +95,35 @@ class PruneReport:
 
 
 class _Timer:
+    """Seconds per phase. Phases nest: time inside an inner phase counts for it alone (the outer one
+    pauses), so the phases add up to the whole."""
+
     def __init__(self):
         self.times = {p: 0.0 for p in PHASES}
+        self._open: List[list] = []  # [phase, start of its current stretch], innermost last
 
     @contextmanager
     def __call__(self, phase: str):
-        t0 = time.perf_counter()
+        now = time.perf_counter()
+        if self._open:
+            outer = self._open[-1]
+            self.times[outer[0]] += now - outer[1]
+        self._open.append([phase, now])
         try:
             yield
         finally:
-            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+            now = time.perf_counter()
+            name, t0 = self._open.pop()
+            self.times[name] = self.times.get(name, 0.0) + now - t0
+            if self._open:
+                self._open[-1][1] = now
+
+
+def _row_scores(timer: _Timer, weight: torch.Tensor, criterion: str, act_sq: Optional[torch.Tensor] = None,
+                backend: str = 'auto') -> torch.Tensor:
+    """scores.row_scores, its time on the "redundancy" phase for that criterion (the largest part of selection)."""
+    with timer('redundancy') if criterion == 'redundancy' else nullcontext():
+        return row_scores(weight, criterion, act_sq, backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +282,7 @@ def _slice_into(pruned: nn.Module, model: nn.Module, plan: vit.Plan, names: List
 # embedding (residual-stream) selection
 
 def _embed_scores(model: nn.Module, criterion: str, calib: Optional[torch.Tensor], batch: int,
-                  backend: str) -> torch.Tensor:
+                  backend: str, timer: _Timer) -> torch.Tensor:
     if criterion == 'activation':
         if calib is None:
             raise ValueError('embed_criterion="activation" needs calibration images')
@@ -276,7 +295,7 @@ def _embed_scores(model: nn.Module, criterion: str, calib: Optional[torch.Tensor
     producers = [model.patch_embed.proj.weight.flatten(1)]
     for blk in model.blocks:
         producers += [blk.attn.proj.weight, blk.mlp.fc2.weight]
-    return tss_average([row_scores(w, criterion, backend=backend) for w in producers])
+    return tss_average([_row_scores(timer, w, criterion, backend=backend) for w in producers])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,7 +475,7 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
     n_embed = dims_before.embed
     with timer('selection'):
         if dims_after.embed < n_embed:
-            embed = select_top(_embed_scores(model, embed_criterion, calib, batch, backend), dims_after.embed)
+            embed = select_top(_embed_scores(model, embed_criterion, calib, batch, backend, timer), dims_after.embed)
         else:
             embed = torch.arange(n_embed)
     with timer('rebuild'):
@@ -486,7 +505,7 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
         m_sel = None  # FFN neurons chosen from the weights are known before the run: only their fc1 outputs are kept
         if mlp_criterion != 'activation' or bd.mlp in (0, od.mlp):
             with timer('selection'):
-                m_sel = _select_mlp(ob.mlp, bd.mlp, mlp_criterion, None, backend)
+                m_sel = _select_mlp(ob.mlp, bd.mlp, mlp_criterion, None, backend, timer)
         cap = {}
         if x is not None:
             with timer('calibration'):
@@ -522,10 +541,10 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
                 v_w = roles.qkv_weight(ob.attn)[0][rows]
                 act = (_take_cols(cap['qkv'], rows.to(cap['qkv'].device), backend).float().pow(2).sum(dim=(0, 1))
                        if v_criterion == 'activation' else None)
-                v_sel = select_per_head(row_scores(v_w, v_criterion, act, backend).view(bd.heads // g, d), bd.v)
+                v_sel = select_per_head(_row_scores(timer, v_w, v_criterion, act, backend).view(bd.heads // g, d), bd.v)
             if m_sel is None:  # the "activation" criterion: the captured fc1 outputs are cut to the kept rows now
                 m_sel = _select_mlp(ob.mlp, bd.mlp, mlp_criterion, cap.pop('fc2_in').float().pow(2).sum(dim=(0, 1)),
-                                    backend)
+                                    backend, timer)
                 for name, rows in roles.mlp_fc1_rows(ob.mlp, m_sel).items():
                     if name in cap:
                         cap[name] = _take_cols(cap[name], rows.to(cap[name].device), backend)
@@ -551,11 +570,12 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
     return pruned, Selection(embed, selections), stats
 
 
-def _select_mlp(mlp: nn.Module, keep: int, criterion: str, act: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+def _select_mlp(mlp: nn.Module, keep: int, criterion: str, act: Optional[torch.Tensor], backend: str,
+                timer: _Timer) -> torch.Tensor:
     """Kept FFN neurons (sorted); act: per-neuron sum of squared fc2 inputs, for the "activation" criterion."""
     if keep in (0, roles.mlp_hidden(mlp)):
         return torch.arange(keep)
-    return select_top(row_scores(roles.mlp_in_weight(mlp), criterion, act, backend), keep)
+    return select_top(_row_scores(timer, roles.mlp_in_weight(mlp), criterion, act, backend), keep)
 
 
 def _select_heads(attn: nn.Module, cap: dict, bd: vit.BlockDims, od: vit.BlockDims, criterion: str,

@@ -1,5 +1,6 @@
 """Core SNP pipeline: slicing == masking, scores, presets' MACs, re-fit, save/load, bad input."""
 import copy
+import importlib
 import json
 import math
 import os
@@ -239,6 +240,27 @@ def test_refit_reproduces_output_when_removed_filter_is_collinear():
         assert stats.err_sliced > 1e-3 and stats.err_refit < 1e-6
         err_after = (sliced(x[:, keep]) - y).abs().max().item()
         assert err_after <= (1e-5 if tol is None else tol * err_before), (damp, err_after, err_before)
+
+
+def test_phase_timer_nests_without_double_counting(monkeypatch):
+    """An inner phase pauses the outer one: each second is counted once, on the innermost open phase."""
+    P = importlib.import_module('snp_fast.prune')  # (the package's prune() hides the module's name)
+    clock = iter([0.0, 2.0, 7.0, 9.0, 10.0, 13.0])  # enter sel, enter red, leave red, leave sel, enter/leave qk
+    monkeypatch.setattr(P.time, 'perf_counter', lambda: next(clock))
+    timer = P._Timer()
+    with timer('selection'):
+        with timer('redundancy'):
+            pass
+    with timer('qk_scoring'):
+        pass
+    assert set(P.PHASES) <= set(timer.times)
+    assert (timer.times['selection'], timer.times['redundancy'], timer.times['qk_scoring']) == (4.0, 5.0, 3.0)
+
+
+def test_prune_reports_redundancy_phase():
+    model = tiny('deit_small_distilled_patch16_224')
+    _, report = snp_fast.prune(model, images(4), ratios=0.5, refit=False)
+    assert report.times['redundancy'] > 0 and report.times['qk_scoring'] > 0
 
 
 @pytest.mark.parametrize('bias', [True, False])

@@ -52,12 +52,12 @@ import torch.nn.functional as F
 from .. import ops
 from ..macs import meta_copy
 from ..presets import list_presets, load_preset
-from ..prune import (PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _run_captured,
+from ..prune import (PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _row_scores, _run_captured,
                      _slice_into, _Timer, _token_subset, eval_mode, record, resolve_timm_config,
                      run_settings)
 from ..ratios import _check, keep_count
 from ..refit import DEFAULT_DAMP, RefitStats
-from ..scores import head_energy, head_output, row_scores, select_per_head, select_top, tss_average
+from ..scores import head_energy, head_output, select_per_head, select_top, tss_average
 from .vit import UnsupportedModelError, _linear_plan, _new_linear, _new_param, _norm_plan, _resize_norm
 
 __all__ = ['SUPPORTED', 'EfficientFormerDims', 'EfficientFormerBlockDims', 'EfficientFormerSelection',
@@ -415,7 +415,7 @@ def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return bn.weight / (bn.running_var + bn.eps).sqrt()
 
 
-def _stage_scores(model: nn.Module, s: int, criterion: str, backend: str) -> torch.Tensor:
+def _stage_scores(model: nn.Module, s: int, criterion: str, backend: str, timer: _Timer) -> torch.Tensor:
     """Scores of stage s's channels: each producer of the stage's residual stream scored by `criterion` on
     its effective output rows (BN and LayerScale folded in), total-sum scaled, averaged (SNP.md)."""
     stage = model.stages[s]
@@ -426,7 +426,7 @@ def _stage_scores(model: nn.Module, s: int, criterion: str, backend: str) -> tor
             producers += [_scaled_rows(b.token_mixer.proj, b.ls1.gamma), _scaled_rows(b.mlp.fc2, b.ls2.gamma)]
         elif hasattr(b, 'mlp'):
             producers.append(_scaled_rows(b.mlp.fc2, _bn_scale(b.mlp.norm2), b.ls2.gamma))
-    return tss_average([row_scores(w, criterion, backend=backend) for w in producers])
+    return tss_average([_row_scores(timer, w, criterion, backend=backend) for w in producers])
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -557,7 +557,7 @@ def _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_crite
     with timer('selection'):  # stage widths come from the weights, up front: every block of a stage shares them
         widths = model_dims(model).stages
         stages = [torch.arange(c) if c == widths[s] else
-                  select_top(_stage_scores(model, s, embed_criterion, backend), c)
+                  select_top(_stage_scores(model, s, embed_criterion, backend, timer), c)
                   for s, c in enumerate(dims_after.stages)]
     with timer('rebuild'):
         pruned = apply_dims(meta_copy(model), dims_after)
@@ -640,7 +640,7 @@ def _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_cr
     else:
         w = _scaled_rows(m.fc1, None if _is_1d(ob) else _bn_scale(m.norm1))
         act = _nhwc(cap['fc2_in']).float().pow(2).flatten(0, -2).sum(0) if mlp_criterion == 'activation' else None
-        mlp = select_top(row_scores(w, mlp_criterion, act, backend), bd.mlp)
+        mlp = select_top(_row_scores(timer, w, mlp_criterion, act, backend), bd.mlp)
     if not _is_1d(ob):
         return EfficientFormerBlockSelection(mlp)
     a = ob.token_mixer
@@ -673,8 +673,8 @@ def _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_cr
         act = None
         if v_criterion == 'activation':
             act = qkv[..., 2 * kd:].float().pow(2).sum(dim=(0, 2)).flatten()
-        v = select_per_head(row_scores(w[:, 2 * kd:].flatten(0, 1), v_criterion, act, backend).view(len(heads), vd),
-                            bd.v)
+        v = select_per_head(_row_scores(timer, w[:, 2 * kd:].flatten(0, 1), v_criterion, act, backend)
+                            .view(len(heads), vd), bd.v)
     return EfficientFormerBlockSelection(mlp, heads, qk, v)
 
 
