@@ -1,9 +1,12 @@
-// Q/K attention-score scores by the d×d route, written in ATen ops so that it runs on any device:
-// float64 Gram matrices by batched GEMM, their roots by batched eigh, the SVD of M = R_q R_kᵀ.
-// It is the CUDA implementation of snp_fast::qk_scores (cuBLAS + cuSOLVER's batched small-matrix
-// routines) until a custom kernel replaces it, and the op snp_fast::qk_scores_dxd on every device.
-// Same thresholds as snp_fast/ops/reference.py: σ_j ≤ 1e-4 σ_1 counts as zero, cos with a zero
-// filter is 0, Gram eigenvalues within rounding of zero are clamped to 0.
+// Q/K attention-score scores on any device, written in ATen ops:
+// - qk_scores_dxd: the d×d route, float64 Gram matrices by batched GEMM, their roots by batched eigh,
+//   the SVD of M = R_q R_kᵀ. Same thresholds as snp_fast/ops/reference.py: σ_j ≤ 1e-4 σ_1 counts as
+//   zero, cos with a zero filter is 0, Gram eigenvalues within rounding of zero are clamped to 0.
+// - qk_scores_hybrid, the CUDA implementation of snp_fast::qk_scores: the float64 Grams (the O(N d²)
+//   part) by batched GEMM where q and k are, then the d×d half on the host's cores by the CPU kernel
+//   (snp_fast::qk_scores_grams). The batched eigh / SVD of the d×d route are no option on a GPU for
+//   d > 32: torch runs cuSOLVER's batched Jacobi only up to 32×32 and otherwise one solver call per
+//   matrix (thousands per block at ViT-L size).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -53,16 +56,31 @@ at::Tensor qk_scores_dxd(const at::Tensor& q, const at::Tensor& k, int64_t gamma
   return omega.sum(0).to(at::kFloat);
 }
 
+at::Tensor qk_scores_hybrid(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes(), "qk_scores: q and k must both be (B, H, N, d) with equal "
+              "shapes, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(gamma >= 1, "qk_scores: gamma must be >= 1, got ", gamma);
+  TORCH_CHECK(q.is_floating_point() && k.is_floating_point(), "qk_scores: q and k must be floating point");
+  const at::Tensor qd = q.to(at::kDouble), kd = k.to(at::kDouble);
+  const at::Tensor gq = at::matmul(qd.transpose(-1, -2), qd).cpu();  // (B, H, d, d): 8 d² bytes per matrix
+  const at::Tensor gk = at::matmul(kd.transpose(-1, -2), kd).cpu();
+  static const auto grams_op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("snp_fast::qk_scores_grams", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return grams_op.call(gq, gk, gamma).to(q.device());
+}
+
 TORCH_LIBRARY_FRAGMENT(snp_fast, m) {
   m.def("qk_scores_dxd(Tensor q, Tensor k, int gamma) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(snp_fast, CompositeExplicitAutograd, m) {
   m.impl("qk_scores_dxd", &qk_scores_dxd);
+  m.impl("qk_scores_hybrid", &qk_scores_hybrid);
 }
 
 #ifdef SNP_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(snp_fast, CUDA, m) {
-  m.impl("qk_scores", &qk_scores_dxd);
+  m.impl("qk_scores", &qk_scores_hybrid);
 }
 #endif

@@ -15,6 +15,10 @@
 TORCH_LIBRARY(snp_fast, m) {
   // Q/K attention-score preservation scores, (B, H, N, d) q and k -> (H, d) float32, summed over B.
   m.def("qk_scores(Tensor q, Tensor k, int gamma) -> Tensor");
+  // The same from the float64 Grams G_q = q^T q, G_k = k^T k, (B, H, d, d) -> (H, d) (the d x d half alone).
+  m.def("qk_scores_grams(Tensor gq, Tensor gk, int gamma) -> Tensor");
+  // The same, Grams on q's device and the d x d half on the host CPU (the CUDA implementation of qk_scores).
+  m.def("qk_scores_hybrid(Tensor q, Tensor k, int gamma) -> Tensor");
   // Pairwise redundancy: omega_i = sum_l (1 - |cos(W_i, W_l)|) over the rows of a 2-D weight -> (n,) float32.
   m.def("redundancy_scores(Tensor w) -> Tensor");
   // Gram matrix x^T x of a (T, m) input, float32 (m, m).

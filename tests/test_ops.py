@@ -35,6 +35,21 @@ def backends_for(op, device='cpu'):
     return [b for b in ops.available_backends(op, device) if b != 'reference']
 
 
+def qk_routes():
+    """The qk_scores backends here, plus 'hybrid': snp_fast::qk_scores_hybrid, the CUDA implementation's
+    code path (Grams where q, k are, the d×d half by the CPU kernel), run here on CPU tensors."""
+    routes = backends_for('qk_scores')
+    if ops.extension() is not None and hasattr(torch.ops.snp_fast, 'qk_scores_hybrid'):
+        routes.append('hybrid')
+    return routes
+
+
+def run_qk(q, k, gamma, route):
+    if route == 'hybrid':
+        return torch.ops.snp_fast.qk_scores_hybrid(q, k, gamma)
+    return ops.qk_scores(q, k, gamma, backend=route)
+
+
 # --- qk_scores ------------------------------------------------------------------------------------
 def literal_all_gammas(q, k, dtype):
     """qk_scores_literal (the N×N formula of reference.py) for every gamma from one SVD: returns
@@ -62,7 +77,7 @@ def check_qk(q, k, gammas, backend):
     oracle, plain = literal_all_gammas(q, k, torch.float64), literal_all_gammas(q, k, torch.float32)
     for gamma in gammas:
         want = oracle(gamma)
-        got = ops.qk_scores(q, k, gamma, backend=backend)
+        got = run_qk(q, k, gamma, backend)
         assert got.shape == (q.shape[1], q.shape[3]) and got.dtype == torch.float32
         assert torch.isfinite(got).all()
         torch_err = (plain(gamma) - want).abs().max().item()
@@ -76,10 +91,10 @@ QK_SHAPES = [  # (B, H, N, d): every head dim, N = 1, 7, 50, 197 (577 for the wi
 ] + [(1, 1, 577, 64), (1, 1, 577, 128)]
 
 
-@pytest.mark.parametrize('backend', backends_for('qk_scores') or ['cpu'])
+@pytest.mark.parametrize('backend', qk_routes() or ['cpu'])
 @pytest.mark.parametrize('shape', QK_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 def test_qk_scores_random(backend, shape):
-    if backend not in ops.available_backends('qk_scores', 'cpu'):
+    if backend not in qk_routes():
         pytest.skip(f'{backend} not available')
     b, h, n, d = shape
     gen = torch.Generator().manual_seed(hash(shape) % 2**31)
@@ -90,7 +105,7 @@ def test_qk_scores_random(backend, shape):
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_qk_scores_low_precision_inputs(dtype):
-    for backend in backends_for('qk_scores'):
+    for backend in qk_routes():
         for shape in [(2, 2, 50, 32), (1, 3, 197, 64)]:
             q = torch.randn(shape).to(dtype)
             k = torch.randn(shape).to(dtype)
@@ -124,7 +139,7 @@ def _degenerate_cases():
 @pytest.mark.parametrize('case', list(_degenerate_cases()))
 def test_qk_scores_degenerate(case):
     q, k = _degenerate_cases()[case]
-    for backend in backends_for('qk_scores'):
+    for backend in qk_routes():
         check_qk(q, k, (1, 4, q.shape[-1]), backend)
 
 
@@ -157,11 +172,11 @@ def test_qk_scores_helpers_match_reference():
 
 def test_qk_scores_errors():
     q = torch.randn(1, 2, 5, 8)
-    for backend in backends_for('qk_scores'):
+    for backend in qk_routes():
         with pytest.raises((RuntimeError, ValueError), match='gamma'):
-            ops.qk_scores(q, q, 0, backend=backend)
+            run_qk(q, q, 0, backend)
         with pytest.raises((RuntimeError, ValueError), match='equal shapes'):
-            ops.qk_scores(q, q[..., :4], 2, backend=backend)
+            run_qk(q, q[..., :4], 2, backend)
 
 
 # --- redundancy_scores ----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The ATen d×d route (snp_fast::qk_scores_dxd, also the CUDA implementation of qk_scores) against the
-literal formula, on random shapes including rank-deficient and N < d cases."""
+"""The ATen routes of the Q/K scores against the literal formula, on random shapes including rank-deficient
+and N < d cases: snp_fast::qk_scores_dxd (the d×d route in ATen ops) and snp_fast::qk_scores_grams (the CPU
+kernel's d×d half from given Grams, which snp_fast::qk_scores_hybrid, the CUDA implementation of qk_scores,
+feeds with Grams formed on the GPU; tests/test_ops.py runs the hybrid here on CPU tensors)."""
 import pytest
 import torch
 
@@ -42,6 +44,32 @@ def test_dxd_op_passes_opcheck():
     q, k = torch.randn(2, 3, 11, 16), torch.randn(2, 3, 11, 16)
     torch.library.opcheck(torch.ops.snp_fast.qk_scores_dxd.default, (q, k, 8),
                           test_utils=('test_schema', 'test_faketensor', 'test_aot_dispatch_static'))
+    torch.library.opcheck(torch.ops.snp_fast.qk_scores_hybrid.default, (q, k, 8),
+                          test_utils=('test_schema', 'test_faketensor', 'test_aot_dispatch_static'))
+    gq = (q.double().transpose(-1, -2) @ q.double())
+    gk = (k.double().transpose(-1, -2) @ k.double())
+    torch.library.opcheck(torch.ops.snp_fast.qk_scores_grams.default, (gq, gk, 8),
+                          test_utils=('test_schema', 'test_faketensor', 'test_aot_dispatch_static'))
+
+
+@pytest.mark.parametrize('name,q,k', list(_cases()), ids=[c[0] for c in _cases()])
+def test_grams_op_matches_literal(name, q, k):
+    """The d×d half alone, from float64 Grams (γ capped by d, not N: the rank caps it)."""
+    gamma = max(1, q.shape[-1] // 4)
+    expected = reference.qk_scores_literal(q, k, gamma, compute_dtype=torch.float64)
+    got = torch.ops.snp_fast.qk_scores_grams(q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k, gamma)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4 * max(1.0, expected.abs().max().item()))
+
+
+def test_grams_op_rejects_bad_input():
+    g = torch.eye(8, dtype=torch.float64).expand(1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match='equal shapes'):
+        torch.ops.snp_fast.qk_scores_grams(g, g[..., :4], 2)
+    with pytest.raises(RuntimeError, match='equal shapes'):
+        torch.ops.snp_fast.qk_scores_grams(g[..., :4], g[..., :4], 2)  # not square
+    with pytest.raises(RuntimeError, match='gamma'):
+        torch.ops.snp_fast.qk_scores_grams(g, g, 0)
 
 
 def test_dxd_op_rejects_bad_input():

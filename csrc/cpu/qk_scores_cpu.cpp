@@ -4,8 +4,8 @@
 //     ω_i = Σ_{j<γ, σ_j > 1e-4 σ_1} |cos(u_j, q_i) · cos(v_j, k_i)|.
 // Route (everything after the Grams is d×d work in float64, one matrix per task of at::parallel_for):
 //   1. G_q = QᵀQ, G_k = KᵀK in float64: per task by torch's BLAS dsyrk when it exports one (blas.h),
-//      else by batched GEMM (images processed in chunks to bound memory). The d×d products below go to
-//      torch's dgemm when found (blas.h), else to plain loops.
+//      else by batched GEMM (images processed in chunks to bound memory); or given (qk_scores_grams).
+//      The d×d products below go to torch's dgemm when found (blas.h), else to plain loops.
 //   2. R with RᵀR = G_q by pivoted Cholesky (r × d, r = numerical rank of Q; stops when the largest
 //      remaining pivot is ≤ 1e-12·max diag(G_q), far below anything that reaches the σ threshold).
 //      Then Q = A R with A orthonormal, and S Sᵀ = A (R G_k Rᵀ) Aᵀ: the left singular vectors of S
@@ -529,6 +529,19 @@ void score_tasks(int64_t begin, int64_t end, int64_t d, int64_t gamma, double* o
   }
 }
 
+// Scores of the tasks of (T, d, d) Grams gq, gk (any float dtype), added to out[t·d ...].
+void score_grams(const at::Tensor& gq, const at::Tensor& gk, int64_t gamma, double* out) {
+  const auto a = gq.to(at::kDouble).contiguous(), b = gk.to(at::kDouble).contiguous();
+  const int64_t d = a.size(-1);
+  const double* ap = a.data_ptr<double>();
+  const double* bp = b.data_ptr<double>();
+  at::parallel_for(0, a.size(0), 1, [&](int64_t begin, int64_t end) {
+    score_tasks(begin, end, d, gamma, out, [&](int64_t t) {
+      return std::pair<const double*, const double*>(ap + t * d * d, bp + t * d * d);
+    });
+  });
+}
+
 at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
   TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes(), "qk_scores: q and k must both be (B, H, N, d) with equal shapes, got ",
               q.sizes(), " and ", k.sizes());
@@ -579,22 +592,30 @@ at::Tensor qk_scores_cpu(const at::Tensor& q, const at::Tensor& k, int64_t gamma
     const int64_t nb = std::min(chunk, B - b0);
     auto qd = q.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
     auto kd = k.narrow(0, b0, nb).to(at::kDouble).reshape({nb * H, N, d});
-    auto gq = at::matmul(qd.transpose(1, 2), qd).contiguous();
-    auto gk = at::matmul(kd.transpose(1, 2), kd).contiguous();
-    const double* gqp = gq.data_ptr<double>();
-    const double* gkp = gk.data_ptr<double>();
-    double* outc = out + b0 * H * d;
-    at::parallel_for(0, nb * H, 1, [&](int64_t begin, int64_t end) {
-      score_tasks(begin, end, d, g, outc, [&](int64_t t) {
-        return std::pair<const double*, const double*>(gqp + t * d * d, gkp + t * d * d);
-      });
-    });
+    score_grams(at::matmul(qd.transpose(1, 2), qd), at::matmul(kd.transpose(1, 2), kd), g, out + b0 * H * d);
   }
   return out64.sum(0).to(at::kFloat);
 }
 
+// The same scores from the Grams G_q = QᵀQ, G_k = KᵀK, (B, H, d, d) (used as float64): the d×d half of
+// the route on its own, for Grams formed elsewhere (on a GPU: see qk_scores_hybrid).
+at::Tensor qk_scores_grams_cpu(const at::Tensor& gq, const at::Tensor& gk, int64_t gamma) {
+  TORCH_CHECK(gq.dim() == 4 && gq.sizes() == gk.sizes() && gq.size(2) == gq.size(3),
+              "qk_scores_grams: gq and gk must both be (B, H, d, d) with equal shapes, got ", gq.sizes(), " and ",
+              gk.sizes());
+  TORCH_CHECK(at::isFloatingType(gq.scalar_type()) && at::isFloatingType(gk.scalar_type()),
+              "qk_scores_grams: gq and gk must be floating point, got ", gq.scalar_type(), " and ", gk.scalar_type());
+  TORCH_CHECK(gq.device().is_cpu() && gk.device().is_cpu(), "qk_scores_grams (CPU kernel): gq and gk must be CPU tensors");
+  TORCH_CHECK(gamma >= 1, "qk_scores_grams: gamma must be >= 1, got ", gamma);
+  const int64_t B = gq.size(0), H = gq.size(1), d = gq.size(3);
+  auto out64 = at::zeros({B, H, d}, gq.options().dtype(at::kDouble));
+  if (B * H * d > 0)  // (γ > rank is harmless: only the nonzero σ_j count, and there are at most N of them)
+    score_grams(gq.reshape({B * H, d, d}), gk.reshape({B * H, d, d}), std::min(gamma, d), out64.data_ptr<double>());
+  return out64.sum(0).to(at::kFloat);
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(snp_fast, CPU, m) {
   m.impl("qk_scores", &qk_scores_cpu);
+  m.impl("qk_scores_grams", &qk_scores_grams_cpu);
 }

@@ -3,7 +3,8 @@
 // Deliberately simple: the products run in cuBLAS through ATen on the current stream (fp32, TF32 only if
 // the user enabled it for torch matmuls), the epilogues are small ATen reductions. The symmetric ops
 // multiply only the upper-triangle block rows, as the CPU kernels do. (The Triton kernels in
-// snp_fast/ops/triton/ are the fused alternatives; qk_scores has no CUDA kernel yet.)
+// snp_fast/ops/triton/ are the fused alternatives; qk_scores on CUDA is qk_scores_hybrid in
+// csrc/qk_scores_dxd.cpp: Grams on the GPU, the d×d eigen work by the CPU kernel on the host.)
 #include <torch/extension.h>
 #include <c10/cuda/CUDAGuard.h>
 

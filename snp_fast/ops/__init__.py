@@ -71,6 +71,14 @@ def _register_fakes():
     def _(q, k, gamma):
         return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
 
+    @torch.library.register_fake('snp_fast::qk_scores_hybrid')
+    def _(q, k, gamma):
+        return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
+
+    @torch.library.register_fake('snp_fast::qk_scores_grams')
+    def _(gq, gk, gamma):
+        return gq.new_empty((gq.shape[1], gq.shape[3]), dtype=torch.float32)
+
     @torch.library.register_fake('snp_fast::redundancy_scores')
     def _(w):
         return w.new_empty((w.shape[0],), dtype=torch.float32)
