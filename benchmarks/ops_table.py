@@ -30,6 +30,7 @@ CASES = [
     ('deit_base', 'redundancy_scores', (3072, 768)),
     ('vit_large', 'redundancy_scores', (1024, 1024)),
     ('vit_large', 'redundancy_scores', (4096, 1024)),
+    ('vit_large', 'redundancy_scores', (1024, 4096)),  # fc2's rows: the embedding scores' widest producers
     ('deit_base', 'gram', (16 * 197, 3072)),
     ('vit_large', 'gram', (64 * 197, 4096)),
 ]
