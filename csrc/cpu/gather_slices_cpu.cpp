@@ -6,8 +6,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "../gather_checks.h"
 

@@ -605,7 +605,8 @@ at::Tensor qk_scores_grams_cpu(const at::Tensor& gq, const at::Tensor& gk, int64
               gk.sizes());
   TORCH_CHECK(at::isFloatingType(gq.scalar_type()) && at::isFloatingType(gk.scalar_type()),
               "qk_scores_grams: gq and gk must be floating point, got ", gq.scalar_type(), " and ", gk.scalar_type());
-  TORCH_CHECK(gq.device().is_cpu() && gk.device().is_cpu(), "qk_scores_grams (CPU kernel): gq and gk must be CPU tensors");
+  TORCH_CHECK(gq.device().is_cpu() && gk.device().is_cpu(),
+              "qk_scores_grams (CPU kernel): gq and gk must be CPU tensors");
   TORCH_CHECK(gamma >= 1, "qk_scores_grams: gamma must be >= 1, got ", gamma);
   const int64_t B = gq.size(0), H = gq.size(1), d = gq.size(3);
   auto out64 = at::zeros({B, H, d}, gq.options().dtype(at::kDouble));

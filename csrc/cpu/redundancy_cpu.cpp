@@ -79,9 +79,10 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
   row_norms(wf.data_ptr<float>(), n, m, norm, inv);
   // Raw rows unless a norm is so large or small that fp32 products w_i·w_l could overflow or turn
   // subnormal; then a normalised copy (and unit scales) instead.
-  const bool raw = std::all_of(norm.begin(), norm.end(), [](double v) { return v == 0 || (v > 0x1p-40 && v < 0x1p40); });
+  const bool raw =
+      std::all_of(norm.begin(), norm.end(), [](double v) { return v == 0 || (v > 0x1p-40 && v < 0x1p40); });
   if (!raw) {
-    wf = wf.clone();
+    if (wf.is_alias_of(w)) wf = wf.clone();  // never scale the caller's weight
     float* p = wf.data_ptr<float>();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
