@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 namespace {
 
@@ -30,16 +31,20 @@ at::Tensor gram_root(const at::Tensor& g) {  // R with RᵀR = G, (..., d, d) fl
   return lam.sqrt().unsqueeze(-1) * vec.transpose(-1, -2);
 }
 
-}  // namespace
-
-at::Tensor qk_scores_dxd(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
+// Checks the arguments; returns the float64 Grams q^T q, k^T k, (B, H, d, d), formed where q and k are.
+std::pair<at::Tensor, at::Tensor> checked_grams(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
   TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes(), "qk_scores: q and k must both be (B, H, N, d) with equal "
               "shapes, got ", q.sizes(), " and ", k.sizes());
   TORCH_CHECK(gamma >= 1, "qk_scores: gamma must be >= 1, got ", gamma);
   TORCH_CHECK(q.is_floating_point() && k.is_floating_point(), "qk_scores: q and k must be floating point");
   const at::Tensor qd = q.to(at::kDouble), kd = k.to(at::kDouble);
-  const at::Tensor gq = at::matmul(qd.transpose(-1, -2), qd);  // (B, H, d, d)
-  const at::Tensor gk = at::matmul(kd.transpose(-1, -2), kd);
+  return {at::matmul(qd.transpose(-1, -2), qd), at::matmul(kd.transpose(-1, -2), kd)};
+}
+
+}  // namespace
+
+at::Tensor qk_scores_dxd(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
+  const auto [gq, gk] = checked_grams(q, k, gamma);
   const at::Tensor rq = gram_root(gq), rk = gram_root(gk);
   auto svd = at::linalg_svd(at::matmul(rq, rk.transpose(-1, -2)), /*full_matrices=*/true);
   at::Tensor x = std::get<0>(svd), s = std::get<1>(svd), yh = std::get<2>(svd);
@@ -57,17 +62,11 @@ at::Tensor qk_scores_dxd(const at::Tensor& q, const at::Tensor& k, int64_t gamma
 }
 
 at::Tensor qk_scores_hybrid(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
-  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes(), "qk_scores: q and k must both be (B, H, N, d) with equal "
-              "shapes, got ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(gamma >= 1, "qk_scores: gamma must be >= 1, got ", gamma);
-  TORCH_CHECK(q.is_floating_point() && k.is_floating_point(), "qk_scores: q and k must be floating point");
-  const at::Tensor qd = q.to(at::kDouble), kd = k.to(at::kDouble);
-  const at::Tensor gq = at::matmul(qd.transpose(-1, -2), qd).cpu();  // (B, H, d, d): 8 d² bytes per matrix
-  const at::Tensor gk = at::matmul(kd.transpose(-1, -2), kd).cpu();
+  const auto [gq, gk] = checked_grams(q, k, gamma);  // to the host: 8 d² bytes per (image, head)
   static const auto grams_op = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("snp_fast::qk_scores_grams", "")
                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
-  return grams_op.call(gq, gk, gamma).to(q.device());
+  return grams_op.call(gq.cpu(), gk.cpu(), gamma).to(q.device());
 }
 
 TORCH_LIBRARY_FRAGMENT(snp_fast, m) {

@@ -63,21 +63,11 @@ def _register_fakes():
     if extension() is None:
         return
 
-    @torch.library.register_fake('snp_fast::qk_scores')
-    def _(q, k, gamma):
+    def qk_fake(q, k, gamma):  # (B, H, ., d) q (or Gram) -> (H, d) scores
         return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
 
-    @torch.library.register_fake('snp_fast::qk_scores_dxd')
-    def _(q, k, gamma):
-        return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
-
-    @torch.library.register_fake('snp_fast::qk_scores_hybrid')
-    def _(q, k, gamma):
-        return q.new_empty((q.shape[1], q.shape[3]), dtype=torch.float32)
-
-    @torch.library.register_fake('snp_fast::qk_scores_grams')
-    def _(gq, gk, gamma):
-        return gq.new_empty((gq.shape[1], gq.shape[3]), dtype=torch.float32)
+    for name in ('qk_scores', 'qk_scores_dxd', 'qk_scores_hybrid', 'qk_scores_grams'):
+        torch.library.register_fake(f'snp_fast::{name}')(qk_fake)
 
     @torch.library.register_fake('snp_fast::redundancy_scores')
     def _(w):
