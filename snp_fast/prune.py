@@ -352,7 +352,10 @@ def prune(
         damp: ridge strength of the re-fit, relative to the mean diagonal of the Gram matrix.
         refit_tokens: at most this many calibration tokens (sampled, seeded) per Gram matrix; None = all.
         batch_size: images per chunk when running the model on the calibration set.
-        backend: kernel backend, "auto" | "reference" | "cpu" | "cuda" | "triton".
+        backend: the kernels to run, "auto" | "reference" | "cpu" | "cuda" | "triton": every op (Q/K scores,
+            redundancy, Gram, slicing) takes this backend where it has one for the model's device and the
+            fastest it has otherwise ("triton": the Triton kernels where they exist; "reference": the
+            plain-PyTorch versions throughout). A backend with no kernel at all for that device is an error.
         timm_name, timm_kwargs: how to rebuild the unpruned architecture with timm.create_model, for
             save_pruned/load_pruned (default: inferred from the model).
     """
@@ -366,8 +369,7 @@ def prune(
     check_criterion('head_criterion', head_criterion, HEAD_CRITERIA)
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    if backend not in ops.BACKENDS:
-        raise ValueError(f'backend={backend!r} is not known; choose one of {list(ops.BACKENDS)}')
+    ops.check_backend(backend, next(model.parameters(), torch.empty(0)).device)
     if gamma is not None and gamma < 1:
         raise ValueError(f'gamma must be >= 1, got {gamma}')
     if refit not in (True, False, 'sequential', 'oneshot'):
@@ -409,11 +411,11 @@ def prune(
         raise ValueError(f'damp must be a finite number >= 0, got {damp!r}')
     timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
-    with eval_mode(model) as was_training:
+    with eval_mode(model) as was_training, ops.prefer(backend):  # every op: `backend` where it has it
         pruned, selection, refit_stats = _prune(
             model, calib, dims_before, dims_after, timer, qk_criterion=qk_criterion, v_criterion=v_criterion,
             mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion, gamma=gamma,
-            refit=refit, damp=damp, refit_tokens=refit_tokens, batch=batch_size, backend=backend)
+            refit=refit, damp=damp, refit_tokens=refit_tokens, batch=batch_size, backend='auto')
     pruned.train(was_training)
     report = record(model, pruned, 'vit', PruneReport, timm_config, dims_before, dims_after, selection,
                     run_settings(args, spec, calib), timer, refit_stats, notes)

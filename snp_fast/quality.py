@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .macs import count_macs, meta_copy
 from .models import roles, vit
 from .models.vit import BlockSelection, ModelDims, Selection
@@ -259,7 +260,9 @@ def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch
     vit.check_supported(model)
     if refit and calib is None:
         raise ValueError('the re-fit needs calibration images')
-    with _P.eval_mode(model):
+    ops.check_backend(backend, next(model.parameters()).device)
+    with _P.eval_mode(model), ops.prefer(backend):  # as prune(): every op on `backend` where it has it
+        backend = 'auto'
         pruned = vit.apply_dims(meta_copy(model), sel.dims())
         _P._slice_into(pruned, model, vit.slice_plan(model, sel), [n for n, _ in model.named_parameters()], backend)
         _P._copy_buffers(pruned, model)

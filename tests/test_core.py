@@ -485,6 +485,34 @@ def test_original_model_is_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_model_level_backend_is_a_preference():
+    """prune(backend=X) runs every op on X where it has X for the model's device and on its fastest
+    kernel otherwise (Triton has no Q/K or slicing kernel): the same model as backend="auto"; a backend
+    with no kernel at all for the device is refused before any work."""
+    from snp_fast import ops
+    model, x = tiny('deit_tiny_patch16_224', depth=1, img_size=32), images(2, size=32)
+    auto, _ = snp_fast.prune(model, x, ratios=0.5, refit=False)
+    chosen = []
+    real = ops.dispatch._TABLE['redundancy_scores']
+    try:  # record which implementation the redundancy scores resolve to
+        ops.dispatch._TABLE['redundancy_scores'] = {
+            b: (lambda fn, b: lambda w: (chosen.append(b), fn(w))[1])(fn, b) for b, fn in real.items()}
+        for backend in ['reference'] + (['triton'] if 'triton' in ops.available_backends('redundancy_scores', 'cpu')
+                                        else []):
+            chosen.clear()
+            pruned, _ = snp_fast.prune(model, x, ratios=0.5, refit=False, backend=backend)
+            assert chosen and set(chosen) == {backend}
+            assert pruned.snp_recipe['selection'] == auto.snp_recipe['selection'], backend
+            for (n, a), b in zip(pruned.state_dict().items(), auto.state_dict().values()):
+                assert torch.allclose(a, b, atol=1e-6), (backend, n)
+    finally:
+        ops.dispatch._TABLE['redundancy_scores'] = real
+    with pytest.raises(ValueError, match="backend='cuda' has no kernel for a model on cpu"):
+        snp_fast.prune(model, x, ratios=0.5, backend='cuda')
+    with pytest.raises(ValueError, match='not known'):
+        snp_fast.prune(model, x, ratios=0.5, backend='gpu')
+
+
 def test_compiled_extension_slices_like_the_reference():
     from snp_fast import ops
     if 'cpu' not in ops.available_backends('gather_slices', 'cpu'):

@@ -542,10 +542,10 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
     timer = _Timer()
-    with eval_mode(model) as was_training:
+    with eval_mode(model) as was_training, ops.prefer(backend):  # every op: `backend` where it has it
         pruned, selection, stats = _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_criterion,
                                           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens,
-                                          batch_size, backend)
+                                          batch_size, 'auto')
     pruned.train(was_training)
     report = record(model, pruned, 'efficientformer', EfficientFormerReport, timm_config, dims_before, dims_after,
                     selection, run_settings(args, spec, calib), timer, stats, notes)

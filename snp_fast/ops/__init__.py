@@ -13,10 +13,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .dispatch import BACKENDS, available_backends, extension, has_kernel, register, resolve
+from .dispatch import BACKENDS, available_backends, check_backend, extension, has_kernel, prefer, register, resolve
 
 __all__ = ['qk_scores', 'redundancy_scores', 'gram', 'gather_slices', 'available_backends', 'BACKENDS',
-           'extension']
+           'extension', 'prefer', 'check_backend']
 
 # --- reference implementations -------------------------------------------------------------------
 register('qk_scores', 'reference')(reference.qk_scores_literal)

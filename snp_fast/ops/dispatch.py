@@ -2,21 +2,27 @@
 
 Backends: "reference" (plain PyTorch, always there), "cpu" and "cuda" (the compiled extension's
 torch.ops.snp_fast.* kernels, registered per dispatch key) and "triton". `backend="auto"` takes the
-fastest one available for the tensor's device; when none but the reference is, it says so once.
+fastest one available for the tensor's device; when none but the reference is, it says so once. Inside
+`prefer(X)` (what prune(backend=X) uses), "auto" takes X first for every op that has it.
 """
+import contextvars
 import importlib
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ['BACKENDS', 'register', 'resolve', 'available_backends', 'extension', 'has_kernel']
+__all__ = ['BACKENDS', 'register', 'resolve', 'available_backends', 'extension', 'has_kernel', 'prefer',
+           'check_backend']
 
 BACKENDS = ('auto', 'reference', 'cpu', 'cuda', 'triton')
 # Preference of backend="auto" by device type (first available wins).
 _AUTO_ORDER = {'cuda': ('cuda', 'triton', 'reference'), 'cpu': ('cpu', 'reference')}
 
 _TABLE: Dict[str, Dict[str, Callable]] = {}
+# A model-level choice (prefer()): backend="auto" tries it first for every op.
+_preferred: contextvars.ContextVar = contextvars.ContextVar('snp_fast_preferred_backend', default=None)
 _warned: set = set()
 _ext = None
 _ext_error: Optional[str] = None
@@ -92,6 +98,9 @@ def resolve(op: str, backend: str, device) -> Callable:
             raise RuntimeError(f'backend {backend!r} is not available for {op} on {device.type}{why}; '
                                f'available: {available_backends(op, device)}')
         return _TABLE[op][backend]
+    pref = _preferred.get()
+    if pref is not None and _available(op, pref, device):
+        return _TABLE[op][pref]
     for b in _AUTO_ORDER.get(device.type, ('reference',)):
         if _available(op, b, device):
             if b == 'reference' and (op, device.type) not in _warned:
@@ -101,3 +110,29 @@ def resolve(op: str, backend: str, device) -> Callable:
                 warnings.warn(f'snp_fast: {reason}; using the plain-PyTorch reference for {op} (slower)', stacklevel=3)
             return _TABLE[op][b]
     raise RuntimeError(f'no backend for {op} on {device.type}')
+
+
+@contextmanager
+def prefer(backend: str):
+    """Within this block, backend="auto" takes `backend` for every op that has it available, and the usual
+    order for the others: the model-level choice of prune() ("triton": the Triton kernels where they
+    exist; "reference": the plain-PyTorch versions throughout). "auto" changes nothing."""
+    if backend not in BACKENDS:
+        raise ValueError(f'unknown backend {backend!r}; expected one of {BACKENDS}')
+    token = _preferred.set(None if backend == 'auto' else backend)
+    try:
+        yield
+    finally:
+        _preferred.reset(token)
+
+
+def check_backend(backend: str, device) -> None:
+    """A clear error, before any work, when a model-level backend cannot run any op on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f'backend={backend!r} is not known; choose one of {list(BACKENDS)}')
+    device = torch.device(device)
+    if backend in ('auto', 'reference') or any(_available(op, backend, device) for op in _TABLE):
+        return
+    why = f' (the compiled extension is not loaded: {_ext_error})' if backend in ('cpu', 'cuda') and _ext_error else ''
+    raise ValueError(f'backend={backend!r} has no kernel for a model on {device.type}{why}; use "auto" or one of '
+                     f'{sorted({b for op in _TABLE for b in available_backends(op, device)})}')
