@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', metavar='DIR', help='output directory (default: ./MODEL_snp); must not exist or be empty')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out directory')
     p.add_argument('--device', default='auto', help='cpu, cuda, cuda:1, ... (default: cuda if available)')
-    p.add_argument('--backend', default='auto', help='kernels to prefer: auto | reference | cpu | cuda | triton (each op on it where it has it)')
+    p.add_argument('--backend', default='auto',
+                   help='kernels to prefer: auto | reference | cpu | cuda | triton (each op on it where it has it)')
     p.add_argument('--batch-size', type=int, default=32, metavar='N', help='images per chunk while pruning')
     p.add_argument('--no-refit', action='store_true', help='skip the least-squares re-fit (SNP selection only)')
     p.add_argument('--plot', action='store_true',
