@@ -119,11 +119,10 @@ class _Timer:
                 self._open[-1][1] = now
 
 
-def _row_scores(timer: _Timer, weight: torch.Tensor, criterion: str, act_sq: Optional[torch.Tensor] = None,
-                backend: str = 'auto') -> torch.Tensor:
+def _row_scores(timer: _Timer, weight: torch.Tensor, criterion: str, act_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """scores.row_scores, its time on the "redundancy" phase for that criterion (the largest part of selection)."""
     with timer('redundancy') if criterion == 'redundancy' else nullcontext():
-        return row_scores(weight, criterion, act_sq, backend)
+        return row_scores(weight, criterion, act_sq)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +194,7 @@ def _block_kwargs(model: nn.Module, images: torch.Tensor) -> List[dict]:
 
 @torch.no_grad()
 def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, tuple], batch: int,
-                  kwargs: Optional[dict] = None, backend: str = 'auto'):
+                  kwargs: Optional[dict] = None):
     """module(x, **kwargs) in chunks; returns (output, {name: captured 'in'put or 'out'put of a submodule}).
 
     A tap is (submodule, 'in' | 'out') or (submodule, 'in' | 'out', kept last-dim indices): then only those
@@ -205,7 +204,7 @@ def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, tuple], ba
     for name, (sub, which, *cols) in taps.items():
         def hook(_m, inp, out, name=name, which=which, cols=cols[0] if cols else None):
             t = inp[0] if which == 'in' else out
-            store[name].append(t if cols is None else _take_cols(t, cols, backend))
+            store[name].append(t if cols is None else _take_cols(t, cols))
         handles.append(sub.register_forward_hook(hook))
     try:
         outs = [module(c, **(kwargs or {})) for c in _chunks(x, batch)]
@@ -215,11 +214,11 @@ def _run_captured(module: nn.Module, x: torch.Tensor, taps: Dict[str, tuple], ba
     return _cat(outs), {k: _cat(v) for k, v in store.items()}
 
 
-def _take_cols(t: torch.Tensor, cols: torch.Tensor, backend: str = 'auto') -> torch.Tensor:
+def _take_cols(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """t[..., cols] through ops.gather_slices (its CPU kernel gathers row by row: several times faster
     than index_select along the last dim, which walks the columns)."""
     flat = t.reshape(t.shape[:-1].numel(), t.shape[-1])
-    return ops.gather_slices([flat], [[(1, cols)]], backend=backend)[0].view(*t.shape[:-1], cols.numel())
+    return ops.gather_slices([flat], [[(1, cols)]])[0].view(*t.shape[:-1], cols.numel())
 
 
 def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
@@ -266,11 +265,11 @@ def _copy_buffers(pruned: nn.Module, model: nn.Module) -> None:
                                                                                 persistent=name in persistent)
 
 
-def _slice_into(pruned: nn.Module, model: nn.Module, plan: vit.Plan, names: List[str], backend: str) -> None:
+def _slice_into(pruned: nn.Module, model: nn.Module, plan: vit.Plan, names: List[str]) -> None:
     """The one slicing routine: every tensor in `names`, sliced by `plan` (or copied), in one call."""
     src = dict(model.named_parameters())
     sliced = [n for n in names if n in plan]
-    out = ops.gather_slices([src[n].detach() for n in sliced], [plan[n] for n in sliced], backend=backend)
+    out = ops.gather_slices([src[n].detach() for n in sliced], [plan[n] for n in sliced])
     tensors = dict(zip(sliced, out))
     for n in names:
         if n not in plan:
@@ -282,7 +281,7 @@ def _slice_into(pruned: nn.Module, model: nn.Module, plan: vit.Plan, names: List
 # embedding (residual-stream) selection
 
 def _embed_scores(model: nn.Module, criterion: str, calib: Optional[torch.Tensor], batch: int,
-                  backend: str, timer: _Timer) -> torch.Tensor:
+                  timer: _Timer) -> torch.Tensor:
     if criterion == 'activation':
         if calib is None:
             raise ValueError('embed_criterion="activation" needs calibration images')
@@ -295,7 +294,7 @@ def _embed_scores(model: nn.Module, criterion: str, calib: Optional[torch.Tensor
     producers = [model.patch_embed.proj.weight.flatten(1)]
     for blk in model.blocks:
         producers += [blk.attn.proj.weight, blk.mlp.fc2.weight]
-    return tss_average([_row_scores(timer, w, criterion, backend=backend) for w in producers])
+    return tss_average([_row_scores(timer, w, criterion) for w in producers])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,7 +414,7 @@ def prune(
         pruned, selection, refit_stats = _prune(
             model, calib, dims_before, dims_after, timer, qk_criterion=qk_criterion, v_criterion=v_criterion,
             mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion, gamma=gamma,
-            refit=refit, damp=damp, refit_tokens=refit_tokens, batch=batch_size, backend='auto')
+            refit=refit, damp=damp, refit_tokens=refit_tokens, batch=batch_size)
     pruned.train(was_training)
     report = record(model, pruned, 'vit', PruneReport, timm_config, dims_before, dims_after, selection,
                     run_settings(args, spec, calib), timer, refit_stats, notes)
@@ -473,11 +472,11 @@ def record(model, pruned, family: str, report_cls, timm_config, dims_before, dim
 
 
 def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_criterion, mlp_criterion,
-           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens, batch, backend):
+           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens, batch):
     n_embed = dims_before.embed
     with timer('selection'):
         if dims_after.embed < n_embed:
-            embed = select_top(_embed_scores(model, embed_criterion, calib, batch, backend, timer), dims_after.embed)
+            embed = select_top(_embed_scores(model, embed_criterion, calib, batch, timer), dims_after.embed)
         else:
             embed = torch.arange(n_embed)
     with timer('rebuild'):
@@ -485,7 +484,7 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
     plan = vit.stem_and_head_plan(model, embed)
     block_names = {n for n, _ in model.named_parameters() if n.startswith('blocks.')}
     with timer('slicing'):
-        _slice_into(pruned, model, plan, [n for n, _ in model.named_parameters() if n not in block_names], backend)
+        _slice_into(pruned, model, plan, [n for n, _ in model.named_parameters() if n not in block_names])
     _copy_buffers(pruned, model)
 
     x = xp = None
@@ -507,14 +506,14 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
         m_sel = None  # FFN neurons chosen from the weights are known before the run: only their fc1 outputs are kept
         if mlp_criterion != 'activation' or bd.mlp in (0, od.mlp):
             with timer('selection'):
-                m_sel = _select_mlp(ob.mlp, bd.mlp, mlp_criterion, None, backend, timer)
+                m_sel = _select_mlp(ob.mlp, bd.mlp, mlp_criterion, None, timer)
         cap = {}
         if x is not None:
             with timer('calibration'):
                 taps = _block_taps(ob, embed if refit else None, m_sel, fc2_in=m_sel is None)
                 if head_criterion == 'output' and 0 < bd.heads < H:
                     taps['proj_in'] = (ob.attn.proj, 'in')
-                x_next, cap = _run_captured(ob, x, taps, batch, kws[i], backend)
+                x_next, cap = _run_captured(ob, x, taps, batch, kws[i])
                 if 'attn_in' in cap:
                     cap['qkv'] = roles.qkv_output(ob.attn, cap.pop('attn_in'))
                 _finite(x_next, f'the output of blocks.{i} of the original model')
@@ -527,7 +526,7 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
                 q, k = _split_qk(ob.attn, cap['qkv'], H, d)
                 if heads.numel() < H:  # (all heads kept: the strided views, no copy)
                     q, k = q[:, heads], k[:, heads]
-                s = sum(ops.qk_scores(qc, kc, gamma or bd.qk, backend=backend)
+                s = sum(ops.qk_scores(qc, kc, gamma or bd.qk)
                         for qc, kc in zip(_chunks(q, batch), _chunks(k, batch)))
                 qk_sel = select_per_head(s, bd.qk)
                 del q, k  # not held through the re-fit
@@ -541,43 +540,42 @@ def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_crit
                 rows = vit._head_rows(torch.arange(d).expand(bd.heads // g, d), d, (H + H // g) * d,
                                       heads if g == 1 else None)
                 v_w = roles.qkv_weight(ob.attn)[0][rows]
-                act = (_take_cols(cap['qkv'], rows.to(cap['qkv'].device), backend).float().pow(2).sum(dim=(0, 1))
+                act = (_take_cols(cap['qkv'], rows.to(cap['qkv'].device)).float().pow(2).sum(dim=(0, 1))
                        if v_criterion == 'activation' else None)
-                v_sel = select_per_head(_row_scores(timer, v_w, v_criterion, act, backend).view(bd.heads // g, d), bd.v)
+                v_sel = select_per_head(_row_scores(timer, v_w, v_criterion, act).view(bd.heads // g, d), bd.v)
             if m_sel is None:  # the "activation" criterion: the captured fc1 outputs are cut to the kept rows now
                 m_sel = _select_mlp(ob.mlp, bd.mlp, mlp_criterion, cap.pop('fc2_in').float().pow(2).sum(dim=(0, 1)),
-                                    backend, timer)
+                                    timer)
                 for name, rows in roles.mlp_fc1_rows(ob.mlp, m_sel).items():
                     if name in cap:
-                        cap[name] = _take_cols(cap[name], rows.to(cap[name].device), backend)
+                        cap[name] = _take_cols(cap[name], rows.to(cap[name].device))
         sel = BlockSelection(qk_sel, v_sel, m_sel, heads if bd.heads < H else None)
         selections.append(sel)
         bplan = vit.block_plan(model, i, sel, embed)
         with timer('slicing'):
-            _slice_into(pruned, model, bplan, sorted(n for n in block_names if n.startswith(f'blocks.{i}.')), backend)
+            _slice_into(pruned, model, bplan, sorted(n for n in block_names if n.startswith(f'blocks.{i}.')))
         if refit:
             with timer('refit'):
                 if refit == 'oneshot':  # this block's inputs: the original hidden states at the kept channels
                     xp = x.index_select(-1, embed.to(x.device))
-                xp = _refit_block(pb, xp, cap, sel, H, d, damp, refit_tokens, gen, batch, backend, stats, i,
+                xp = _refit_block(pb, xp, cap, sel, H, d, damp, refit_tokens, gen, batch, stats, i,
                                   kws[i])
         x = x_next if x is not None else None
         cap.clear()
     if refit:
         with timer('refit'):
-            _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, backend, stats)
+            _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, stats)
     leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f'internal error: parameters left unassigned after pruning: {leftover[:5]}')
     return pruned, Selection(embed, selections), stats
 
 
-def _select_mlp(mlp: nn.Module, keep: int, criterion: str, act: Optional[torch.Tensor], backend: str,
-                timer: _Timer) -> torch.Tensor:
+def _select_mlp(mlp: nn.Module, keep: int, criterion: str, act: Optional[torch.Tensor], timer: _Timer) -> torch.Tensor:
     """Kept FFN neurons (sorted); act: per-neuron sum of squared fc2 inputs, for the "activation" criterion."""
     if keep in (0, roles.mlp_hidden(mlp)):
         return torch.arange(keep)
-    return select_top(_row_scores(timer, roles.mlp_in_weight(mlp), criterion, act, backend), keep)
+    return select_top(_row_scores(timer, roles.mlp_in_weight(mlp), criterion, act), keep)
 
 
 def _select_heads(attn: nn.Module, cap: dict, bd: vit.BlockDims, od: vit.BlockDims, criterion: str,
@@ -691,7 +689,7 @@ def _token_subset(n: int, budget: Optional[int], gen: torch.Generator) -> Option
 
 
 def _fit(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, rows: Optional[torch.Tensor], damp: float,
-         backend: str, pred: Optional[torch.Tensor] = None) -> RefitStats:
+         pred: Optional[torch.Tensor] = None) -> RefitStats:
     _release_heap()  # the solve's fresh n×n float64 matrices should not come on top of what earlier fits freed
     x = x.reshape(y.shape[:-1].numel(), x.shape[-1])  # not (-1, 0): a dropped branch's input has zero width
     y = y.reshape(-1, y.shape[-1])
@@ -702,7 +700,7 @@ def _fit(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, rows: Optional[torc
         pred = None if pred is None else pred.index_select(0, rows)
     if layer.in_features == 0:
         return _fit_constant(layer, y)
-    fit = LinearFit(layer, backend=backend)
+    fit = LinearFit(layer)
     fit.add(x, y, pred)
     return fit.solve(damp)
 
@@ -722,7 +720,7 @@ def _fit_constant(layer: nn.Linear, y: torch.Tensor) -> RefitStats:
 
 
 @torch.no_grad()
-def _refit_block(pb, xp, cap, sel, H, d, damp, refit_tokens, gen, batch, backend, stats, i, kwargs=None):
+def _refit_block(pb, xp, cap, sel, H, d, damp, refit_tokens, gen, batch, stats, i, kwargs=None):
     """Sequential re-fit of one pruned block: qkv, proj, fc1, fc2 (SNP.md, "Compensation").
 
     cap: the original block's captures as _block_taps(ob, embed, sel.mlp) gives them (the full [q | k | v],
@@ -741,14 +739,14 @@ def _refit_block(pb, xp, cap, sel, H, d, damp, refit_tokens, gen, batch, backend
     if qkv_rows.numel():  # else the attention branch is dropped: only proj's constant output is fitted
         for name, layer, cols, write_back in roles.qkv_fit_parts(pb.attn, sel.qk.numel(), sel.v.numel(),
                                                                  k_rows.numel()):
-            target = _take_cols(cap['qkv'], qkv_rows[cols.to(dev)], backend)
-            stats[f'{p}.attn.{name}'] = _fit(layer, n1, target, rows, damp, backend)
+            target = _take_cols(cap['qkv'], qkv_rows[cols.to(dev)])
+            stats[f'{p}.attn.{name}'] = _fit(layer, n1, target, rows, damp)
             write_back()
             del target
     del cap['qkv']
     # the sliced proj's output on ctx comes with the run: it is the re-fit's starting prediction
     _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in'), 'pred': (pb.attn.proj, 'out')}, batch, kwargs)
-    stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap.pop('proj_out'), rows, damp, backend, c['pred'])
+    stats[f'{p}.attn.proj'] = _fit(pb.attn.proj, c['ctx'], cap.pop('proj_out'), rows, damp, c['pred'])
     ls1, ls2 = roles.branch_scale(pb, 1), roles.branch_scale(pb, 2)
     xp_mid = xp + _apply(lambda t: ls1(pb.attn.proj(t)), c['ctx'], batch)
     del n1, c
@@ -756,22 +754,22 @@ def _refit_block(pb, xp, cap, sel, H, d, damp, refit_tokens, gen, batch, backend
     for name in roles.mlp_fc1_rows(pb.mlp, sel.mlp):
         target = cap.pop(name)
         if sel.mlp.numel():
-            stats[f'{p}.mlp.{name}'] = _fit(getattr(pb.mlp, name), n2, target, rows, damp, backend)
+            stats[f'{p}.mlp.{name}'] = _fit(getattr(pb.mlp, name), n2, target, rows, damp)
         del target
     _, c = _run_captured(pb.mlp, n2, {'hidden': (pb.mlp.fc2, 'in'), 'pred': (pb.mlp.fc2, 'out')}, batch)
-    stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap.pop('fc2_out'), rows, damp, backend, c['pred'])
+    stats[f'{p}.mlp.fc2'] = _fit(pb.mlp.fc2, c['hidden'], cap.pop('fc2_out'), rows, damp, c['pred'])
     xp_out = xp_mid + _apply(lambda t: ls2(pb.mlp.fc2(t)), c['hidden'], batch)
     return _finite(xp_out, f'the output of blocks.{i} of the pruned model')
 
 
 @torch.no_grad()
-def _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, backend, stats):
+def _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, stats):
     head_fn = lambda m: (lambda t: m.forward_head(m.norm(t)))  # noqa: E731
     if getattr(pruned, 'attn_pool', None) is not None:  # the pool reads the pruned stream through kv: re-fit it first
         _, orig = _run_captured(_Call(head_fn(model)), x, {'kv': (model.attn_pool.kv, 'out')}, batch)
         _, new = _run_captured(_Call(head_fn(pruned)), xp, {'kv': (pruned.attn_pool.kv, 'in')}, batch)
         rows = _token_subset(orig['kv'].shape[0] * orig['kv'].shape[1], refit_tokens, gen)
-        stats['attn_pool.kv'] = _fit(pruned.attn_pool.kv, new['kv'], orig['kv'], rows, damp, backend)
+        stats['attn_pool.kv'] = _fit(pruned.attn_pool.kv, new['kv'], orig['kv'], rows, damp)
     names = [n for n in ('head', 'head_dist') if isinstance(getattr(model, n, None), nn.Linear)]
     if not names:
         return
@@ -779,7 +777,7 @@ def _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, ba
     _, new = _run_captured(_Call(head_fn(pruned)), xp, {n: (getattr(pruned, n), 'in') for n in names}, batch)
     for n in names:
         rows = _token_subset(new[n].shape[0], refit_tokens, gen)
-        stats[n] = _fit(getattr(pruned, n), new[n], orig[n], rows, damp, backend)
+        stats[n] = _fit(getattr(pruned, n), new[n], orig[n], rows, damp)
 
 
 class _Call(nn.Module):

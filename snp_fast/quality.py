@@ -262,9 +262,8 @@ def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch
         raise ValueError('the re-fit needs calibration images')
     ops.check_backend(backend, next(model.parameters()).device)
     with _P.eval_mode(model), ops.prefer(backend):  # as prune(): every op on `backend` where it has it
-        backend = 'auto'
         pruned = vit.apply_dims(meta_copy(model), sel.dims())
-        _P._slice_into(pruned, model, vit.slice_plan(model, sel), [n for n, _ in model.named_parameters()], backend)
+        _P._slice_into(pruned, model, vit.slice_plan(model, sel), [n for n, _ in model.named_parameters()])
         _P._copy_buffers(pruned, model)
         if refit:
             dev = next(model.parameters()).device
@@ -275,14 +274,13 @@ def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch
             stats = {}
             od = vit.model_dims(model)
             for i, (ob, pb) in enumerate(zip(model.blocks, pruned.blocks)):
-                x_next, cap = _P._run_captured(ob, x, _P._block_taps(ob, sel.embed, sel.blocks[i].mlp), batch_size,
-                                               backend=backend)
+                x_next, cap = _P._run_captured(ob, x, _P._block_taps(ob, sel.embed, sel.blocks[i].mlp), batch_size)
                 if 'attn_in' in cap:
                     cap['qkv'] = roles.qkv_output(ob.attn, cap.pop('attn_in'))
                 xp = _P._refit_block(pb, xp, cap, sel.blocks[i], od.blocks[i].heads, od.blocks[i].qk,
-                                     damp, refit_tokens, gen, batch_size, backend, stats, i)
+                                     damp, refit_tokens, gen, batch_size, stats, i)
                 x = x_next
-            _P._refit_heads(model, pruned, x, xp, sel.embed, damp, refit_tokens, gen, batch_size, backend, stats)
+            _P._refit_heads(model, pruned, x, xp, sel.embed, damp, refit_tokens, gen, batch_size, stats)
             pruned.snp_refit_stats = stats
     leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
     if leftover:

@@ -614,6 +614,7 @@ at::Tensor qk_scores_grams_cpu(const at::Tensor& gq, const at::Tensor& gk, int64
     score_grams(gq.reshape({B * H, d, d}), gk.reshape({B * H, d, d}), std::min(gamma, d), out64.data_ptr<double>());
   return out64.sum(0).to(at::kFloat);
 }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(snp_fast, CPU, m) {

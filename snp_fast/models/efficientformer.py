@@ -415,7 +415,7 @@ def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return bn.weight / (bn.running_var + bn.eps).sqrt()
 
 
-def _stage_scores(model: nn.Module, s: int, criterion: str, backend: str, timer: _Timer) -> torch.Tensor:
+def _stage_scores(model: nn.Module, s: int, criterion: str, timer: _Timer) -> torch.Tensor:
     """Scores of stage s's channels: each producer of the stage's residual stream scored by `criterion` on
     its effective output rows (BN and LayerScale folded in), total-sum scaled, averaged (SNP.md)."""
     stage = model.stages[s]
@@ -426,7 +426,7 @@ def _stage_scores(model: nn.Module, s: int, criterion: str, backend: str, timer:
             producers += [_scaled_rows(b.token_mixer.proj, b.ls1.gamma), _scaled_rows(b.mlp.fc2, b.ls2.gamma)]
         elif hasattr(b, 'mlp'):
             producers.append(_scaled_rows(b.mlp.fc2, _bn_scale(b.mlp.norm2), b.ls2.gamma))
-    return tss_average([_row_scores(timer, w, criterion, backend=backend) for w in producers])
+    return tss_average([_row_scores(timer, w, criterion) for w in producers])
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -448,12 +448,12 @@ def _unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
 
 
-def _slice_buffers(pruned: nn.Module, model: nn.Module, plan: Plan, names: List[str], backend: str) -> None:
+def _slice_buffers(pruned: nn.Module, model: nn.Module, plan: Plan, names: List[str]) -> None:
     """Buffers (BatchNorm running statistics, attention_bias_idxs): sliced by the plan or copied."""
     src = dict(model.named_buffers())
     persistent = set(model.state_dict())
     sliced = [n for n in names if n in plan]
-    out = dict(zip(sliced, ops.gather_slices([src[n] for n in sliced], [plan[n] for n in sliced], backend=backend))
+    out = dict(zip(sliced, ops.gather_slices([src[n] for n in sliced], [plan[n] for n in sliced]))
                if sliced else [])
     for n in names:
         mod_name, _, leaf = n.rpartition('.')
@@ -461,10 +461,10 @@ def _slice_buffers(pruned: nn.Module, model: nn.Module, plan: Plan, names: List[
         mod.register_buffer(leaf, out[n] if n in out else src[n].clone(), persistent=n in persistent)
 
 
-def _slice(pruned: nn.Module, model: nn.Module, plan: Plan, keep, backend: str) -> None:
+def _slice(pruned: nn.Module, model: nn.Module, plan: Plan, keep) -> None:
     """Slice (or copy) every parameter and buffer whose name satisfies `keep` into the skeleton."""
-    _slice_into(pruned, model, plan, [n for n, _ in model.named_parameters() if keep(n)], backend)
-    _slice_buffers(pruned, model, plan, [n for n, _ in model.named_buffers() if keep(n)], backend)
+    _slice_into(pruned, model, plan, [n for n, _ in model.named_parameters() if keep(n)])
+    _slice_buffers(pruned, model, plan, [n for n, _ in model.named_buffers() if keep(n)])
 
 
 def _check_calib(model: nn.Module, calib) -> torch.Tensor:
@@ -545,7 +545,7 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     with eval_mode(model) as was_training, ops.prefer(backend):  # every op: `backend` where it has it
         pruned, selection, stats = _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_criterion,
                                           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens,
-                                          batch_size, 'auto')
+                                          batch_size)
     pruned.train(was_training)
     report = record(model, pruned, 'efficientformer', EfficientFormerReport, timm_config, dims_before, dims_after,
                     selection, run_settings(args, spec, calib), timer, stats, notes)
@@ -553,18 +553,18 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
 
 
 def _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_criterion, embed_criterion, head_criterion,
-           gamma, refit, damp, refit_tokens, batch, backend):
+           gamma, refit, damp, refit_tokens, batch):
     with timer('selection'):  # stage widths come from the weights, up front: every block of a stage shares them
         widths = model_dims(model).stages
         stages = [torch.arange(c) if c == widths[s] else
-                  select_top(_stage_scores(model, s, embed_criterion, backend, timer), c)
+                  select_top(_stage_scores(model, s, embed_criterion, timer), c)
                   for s, c in enumerate(dims_after.stages)]
     with timer('rebuild'):
         pruned = apply_dims(meta_copy(model), dims_after)
     plan = stem_and_head_plan(model, stages)
     in_blocks = lambda n: '.blocks.' in n  # noqa: E731
     with timer('slicing'):
-        _slice(pruned, model, plan, lambda n: not in_blocks(n), backend)
+        _slice(pruned, model, plan, lambda n: not in_blocks(n))
 
     x = xp = None
     if calib is not None:
@@ -585,7 +585,7 @@ def _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_crite
                     patches = _apply(lambda t: _unfold(conv, t), xp, batch)
                     target = cap['conv'].flatten(2).transpose(1, 2)[..., stages[s].to(x.device)]
                     rows = _token_subset(patches.shape[0] * patches.shape[1], refit_tokens, gen)
-                    stats[f'stages.{s}.downsample.conv'] = _fit(_as_linear(conv), patches, target, rows, damp, backend)
+                    stats[f'stages.{s}.downsample.conv'] = _fit(_as_linear(conv), patches, target, rows, damp)
                     del patches, target
                     xp = _apply(pst.downsample, xp, batch)
             x = _finite(y, f'the output of stages.{s}.downsample of the original model')
@@ -603,18 +603,18 @@ def _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_crite
                     _finite(x_next, f'the output of {name} of the original model')
             with timer('selection'):
                 sel = _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_criterion, gamma,
-                                    batch, backend, timer)
+                                    batch, timer)
             selections.append(sel)
             with timer('slicing'):
-                _slice(pruned, model, block_plan(ob, name, sel, e), lambda n, p=name + '.': n.startswith(p), backend)
+                _slice(pruned, model, block_plan(ob, name, sel, e), lambda n, p=name + '.': n.startswith(p))
             if refit:
                 with timer('refit'):
-                    xp = _refit_block(ob, pb, name, xp, cap, sel, e, damp, refit_tokens, gen, batch, backend, stats)
+                    xp = _refit_block(ob, pb, name, xp, cap, sel, e, damp, refit_tokens, gen, batch, stats)
             x = x_next if x is not None else None
             cap.clear()
     if refit:
         with timer('refit'):
-            _refit_heads(model, pruned, x, xp, None, damp, refit_tokens, gen, batch, backend, stats)
+            _refit_heads(model, pruned, x, xp, None, damp, refit_tokens, gen, batch, stats)
     leftover = [n for n, t in list(pruned.named_parameters()) + list(pruned.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f'internal error: tensors left unassigned after pruning: {leftover[:5]}')
@@ -630,8 +630,7 @@ def _taps(block: nn.Module) -> dict:
     return taps
 
 
-def _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_criterion, gamma, batch, backend,
-                  timer):
+def _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_criterion, gamma, batch, timer):
     """Kept MLP channels, and for attention blocks kept heads, q/k pairs (per kept head) and v dims."""
     m = ob.mlp
     n_hidden = m.fc1.weight.shape[0]
@@ -640,7 +639,7 @@ def _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_cr
     else:
         w = _scaled_rows(m.fc1, None if _is_1d(ob) else _bn_scale(m.norm1))
         act = _nhwc(cap['fc2_in']).float().pow(2).flatten(0, -2).sum(0) if mlp_criterion == 'activation' else None
-        mlp = select_top(_row_scores(timer, w, mlp_criterion, act, backend), bd.mlp)
+        mlp = select_top(_row_scores(timer, w, mlp_criterion, act), bd.mlp)
     if not _is_1d(ob):
         return EfficientFormerBlockSelection(mlp)
     a = ob.token_mixer
@@ -662,7 +661,7 @@ def _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_cr
         with timer('qk_scoring'):
             if qk_criterion == 'snp':
                 q, k = qkv[..., :kd], qkv[..., kd:2 * kd]
-                score = sum(ops.qk_scores(qc, kc, gamma or bd.qk, backend=backend)
+                score = sum(ops.qk_scores(qc, kc, gamma or bd.qk)
                             for qc, kc in zip(_chunks(q, batch), _chunks(k, batch)))
             else:
                 score = w[:, :kd].float().norm(dim=2) * w[:, kd:2 * kd].float().norm(dim=2)
@@ -673,13 +672,13 @@ def _select_block(ob, bd, cap, qk_criterion, v_criterion, mlp_criterion, head_cr
         act = None
         if v_criterion == 'activation':
             act = qkv[..., 2 * kd:].float().pow(2).sum(dim=(0, 2)).flatten()
-        v = select_per_head(_row_scores(timer, w[:, 2 * kd:].flatten(0, 1), v_criterion, act, backend)
+        v = select_per_head(_row_scores(timer, w[:, 2 * kd:].flatten(0, 1), v_criterion, act)
                             .view(len(heads), vd), bd.v)
     return EfficientFormerBlockSelection(mlp, heads, qk, v)
 
 
 @torch.no_grad()
-def _refit_block(ob, pb, name, xp, cap, sel, e, damp, refit_tokens, gen, batch, backend, stats):
+def _refit_block(ob, pb, name, xp, cap, sel, e, damp, refit_tokens, gen, batch, stats):
     """Sequential re-fit of one pruned MetaBlock: (qkv, proj,) fc1, fc2, each from the pruned model's own
     inputs to the original layer's outputs at the kept channels (conv outputs before their BatchNorm)."""
     dev = xp.device
@@ -692,19 +691,18 @@ def _refit_block(ob, pb, name, xp, cap, sel, e, damp, refit_tokens, gen, batch, 
         a, oa = pb.token_mixer, ob.token_mixer
         n1 = _apply(pb.norm1, xp, batch)
         target = cap['qkv'][..., qkv_rows(sel, oa.key_dim, oa.val_dim).to(dev)]
-        stats[f'{name}.token_mixer.qkv'] = _fit(a.qkv, n1, target, rows, damp, backend)
+        stats[f'{name}.token_mixer.qkv'] = _fit(a.qkv, n1, target, rows, damp)
         _, c = _run_captured(a, n1, {'ctx': (a.proj, 'in'), 'pred': (a.proj, 'out')}, batch)
-        stats[f'{name}.token_mixer.proj'] = _fit(a.proj, c['ctx'], cap['proj_out'][..., e], rows, damp, backend,
+        stats[f'{name}.token_mixer.proj'] = _fit(a.proj, c['ctx'], cap['proj_out'][..., e], rows, damp,
                                                  c['pred'])
         del n1, c
         mid = _apply(lambda t: t + pb.ls1(pb.token_mixer(pb.norm1(t))), xp, batch)
         mlp_in = _apply(pb.norm2, mid, batch)
     else:
         mlp_in = _apply(lambda t: t + pb.ls1(pb.token_mixer(t)), xp, batch)
-    stats[f'{name}.mlp.fc1'] = _fit(lin(m.fc1), _nhwc(mlp_in), _nhwc(cap['fc1'])[..., sel.mlp.to(dev)], rows, damp,
-                                    backend)
+    stats[f'{name}.mlp.fc1'] = _fit(lin(m.fc1), _nhwc(mlp_in), _nhwc(cap['fc1'])[..., sel.mlp.to(dev)], rows, damp)
     _, c = _run_captured(m, mlp_in, {'hidden': (m.fc2, 'in'), 'pred': (m.fc2, 'out')}, batch)
     stats[f'{name}.mlp.fc2'] = _fit(lin(m.fc2), _nhwc(c['hidden']), _nhwc(cap['fc2_out'])[..., e], rows, damp,
-                                    backend, _nhwc(c['pred']))
+                                    _nhwc(c['pred']))
     del mlp_in, c
     return _finite(_apply(pb, xp, batch), f'the output of {name} of the pruned model')
