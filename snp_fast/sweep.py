@@ -24,7 +24,8 @@ refused by snp_fast.prune on its meta-device build).
 
 In the command each model runs in a worker process with a per-model time limit (signal.alarm inside
 the worker, and a hard kill from the parent if a long native op ignores the alarm); a worker that dies
-is replaced and its model recorded as FAILED.
+is replaced and its model recorded as FAILED, and one whose model timed out is replaced too (the alarm
+may have interrupted an import and left the process unusable).
 """
 import argparse
 import fnmatch
@@ -336,7 +337,8 @@ def _worker(jobs, results, timeout, threads, depth, min_img):
 
 def run_sweep(names: Iterable[str], timeout: float = 60.0, threads: int = 1, isolate: bool = True,
               depth: int = DEPTH, min_img: int = MIN_IMG, log=None) -> List[SweepResult]:
-    """sweep_model over `names`; with isolate=True in a worker process that is killed past timeout + 30 s."""
+    """sweep_model over `names`; with isolate=True in a worker process that is killed past timeout + 30 s
+    and replaced after any timeout."""
     names = list(names)
     out: List[SweepResult] = []
 
@@ -390,6 +392,10 @@ def run_sweep(names: Iterable[str], timeout: float = 60.0, threads: int = 1, iso
                         stop(kill=True)
                         r = SweepResult(n, 'timeout', f'killed after {el:.0f} s (a native op ignored the alarm)',
                                         seconds=el)
+            if r.status == 'timeout' and proc is not None:
+                # the alarm can land inside an import (torch imports sympy lazily) and leave a half-initialised
+                # module behind that fails every later model: the next one gets a fresh worker
+                stop(kill=True)
             if proc is not None and not proc.is_alive():
                 proc = None
             emit(i, r)
