@@ -21,14 +21,19 @@ at::Tensor safe_div(const at::Tensor& num, const at::Tensor& den) {
   return at::where(den > 0, num / den.clamp_min(tiny), at::zeros_like(num));
 }
 
-at::Tensor gram_root(const at::Tensor& g) {  // R with RᵀR = G, (..., d, d) float64
-  auto eig = at::linalg_eigh(g);
+// R with RᵀR = G, (..., d, d) float64, as the reference's _gram_root: the root of the unit-diagonal
+// D⁻¹GD⁻¹ (D² = diag G), times D, so that the clamp of rounding-level eigenvalues does not depend on the
+// filters' scales.
+at::Tensor gram_root(const at::Tensor& g) {
+  at::Tensor dn = g.diagonal(0, -2, -1).clamp_min(0).sqrt();
+  dn = at::where(dn > 0, dn, at::ones_like(dn));
+  auto eig = at::linalg_eigh(g / (dn.unsqueeze(-1) * dn.unsqueeze(-2)));
   at::Tensor lam = std::get<0>(eig), vec = std::get<1>(eig);
   const int64_t d = g.size(-1);
   at::Tensor lam_max = lam.narrow(-1, d - 1, 1).clamp_min(0);
   const double tol = static_cast<double>(d) * 4.0 * std::numeric_limits<float>::epsilon();
   lam = at::where(lam > lam_max * tol, lam, at::zeros_like(lam));
-  return lam.sqrt().unsqueeze(-1) * vec.transpose(-1, -2);
+  return lam.sqrt().unsqueeze(-1) * vec.transpose(-1, -2) * dn.unsqueeze(-2);
 }
 
 // Checks the arguments; returns the float64 Grams q^T q, k^T k, (B, H, d, d), formed where q and k are.
@@ -45,6 +50,8 @@ std::pair<at::Tensor, at::Tensor> checked_grams(const at::Tensor& q, const at::T
 
 at::Tensor qk_scores_dxd(const at::Tensor& q, const at::Tensor& k, int64_t gamma) {
   const auto [gq, gk] = checked_grams(q, k, gamma);
+  if (q.size(3) == 0) return at::zeros({q.size(1), 0}, q.options().dtype(at::kFloat));
+  TORCH_CHECK(at::isfinite(gq.sum() + gk.sum()).item<bool>(), "qk_scores: q or k holds NaN or Inf values");
   const at::Tensor rq = gram_root(gq), rk = gram_root(gk);
   auto svd = at::linalg_svd(at::matmul(rq, rk.transpose(-1, -2)), /*full_matrices=*/true);
   at::Tensor x = std::get<0>(svd), s = std::get<1>(svd), yh = std::get<2>(svd);

@@ -47,7 +47,17 @@ def qk_routes():
 def run_qk(q, k, gamma, route):
     if route == 'hybrid':
         return torch.ops.snp_fast.qk_scores_hybrid(q, k, gamma)
+    if route == 'dxd':  # the d×d route in ATen ops (an op of its own, not a backend)
+        return torch.ops.snp_fast.qk_scores_dxd(q, k, gamma)
+    if route == 'reference dxd':
+        return reference.qk_scores_dxd(q, k, gamma)
     return ops.qk_scores(q, k, gamma, backend=route)
+
+
+def qk_all_routes():
+    """Every implementation of the scores here: the backends, the hybrid, both d×d routes."""
+    extra = ['dxd'] if ops.extension() is not None and hasattr(torch.ops.snp_fast, 'qk_scores_dxd') else []
+    return qk_routes() + extra + ['reference dxd']
 
 
 # --- qk_scores ------------------------------------------------------------------------------------
@@ -141,6 +151,31 @@ def test_qk_scores_degenerate(case):
     q, k = _degenerate_cases()[case]
     for backend in qk_routes():
         check_qk(q, k, (1, 4, q.shape[-1]), backend)
+
+
+@pytest.mark.parametrize('scale', [1e2, 1e4, 1e6])
+def test_qk_scores_unequal_filter_scales(scale):
+    """One query filter far louder than the rest and the keys loud in the other filters: every rank-1 term
+    of QKᵀ stays comparable, so no direction may be dropped as rounding. (Cutting the pivoted Cholesky or
+    the Gram roots' eigenvalues relative to the loudest filter, not to each filter's own norm, lost most of
+    the scores here: at 1e2 for the d×d routes, at 1e6 for the CPU kernel.)"""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 2, 128, 64, generator=gen), torch.randn(2, 2, 128, 64, generator=gen)
+    q[..., 0] *= scale
+    k[..., 1:] *= scale
+    for route in qk_all_routes():
+        check_qk(q, k, (8, 32), route)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_qk_scores_non_finite_inputs(bad):
+    """A NaN or Inf in q or k is an error that says so, never an (image, head) silently left out."""
+    q, k = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    q[1, 0, 3, 2] = bad
+    for route in qk_all_routes() + ['reference']:
+        for a, b in ((q, k), (k, q)):
+            with pytest.raises((RuntimeError, ValueError), match='NaN or Inf'):
+                run_qk(a, b, 4, route)
 
 
 @pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
@@ -251,6 +286,43 @@ def test_redundancy_extreme_row_norms(n):
             if backend == 'triton' and n > 300:
                 continue
             check_redundancy(v, backend)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+@pytest.mark.parametrize('n', [6, 1500])  # one tile / several
+def test_redundancy_non_finite_rows(bad, n):
+    w = torch.randn(n, 4)
+    w[2, 1] = bad
+    for backend in ['reference'] + backends_for('redundancy_scores'):
+        with pytest.raises((RuntimeError, ValueError), match='NaN or Inf'):
+            ops.redundancy_scores(w, backend=backend)
+
+
+@pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
+def test_cpu_kernels_keep_the_callers_grad_and_inference_mode():
+    """at::parallel_for does not carry grad mode or inference mode to its worker threads: the kernels that
+    call ATen ops there must still take a Parameter under no_grad and tensors made in inference_mode
+    (2 threads; several redundancy tiles, several tensors to slice)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        w = torch.nn.Parameter(torch.randn(1100, 16, generator=gen))
+        ts = [torch.nn.Parameter(torch.randn(8, 6, generator=gen)) for _ in range(4)]
+        sl = [[(0, torch.tensor([1, 5]))], [(1, torch.tensor([0, 2, 3]))]] * 2
+        want_w = reference.redundancy_scores_full(w.detach())
+        want_g = reference.gather_slices_loop([t.detach() for t in ts], sl)
+        with torch.no_grad():
+            got_w, got_g = ops.redundancy_scores(w, backend='cpu'), ops.gather_slices(ts, sl, backend='cpu')
+        with torch.inference_mode():
+            inf_w = ops.redundancy_scores(w.detach().clone(), backend='cpu')
+            inf_g = ops.gather_slices([t.detach().clone() for t in ts], sl, backend='cpu')
+        for got in (got_w, inf_w):
+            torch.testing.assert_close(got, want_w, rtol=1e-5, atol=1e-3)
+        for got in (got_g, inf_g):
+            assert all(torch.equal(a, b) for a, b in zip(got, want_g))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_redundancy_all_zero():

@@ -70,6 +70,15 @@ def test_grams_op_rejects_bad_input():
         torch.ops.snp_fast.qk_scores_grams(g[..., :4], g[..., :4], 2)  # not square
     with pytest.raises(RuntimeError, match='gamma'):
         torch.ops.snp_fast.qk_scores_grams(g, g, 0)
+    bad = g.clone()
+    bad[0, 1, 2, 5] = bad[0, 1, 5, 2] = float('nan')  # off the diagonal: the factorisation would not see it
+    with pytest.raises(RuntimeError, match='NaN or Inf'):
+        torch.ops.snp_fast.qk_scores_grams(g, bad, 2)
+
+
+def test_dxd_op_zero_head_dim():
+    q = torch.randn(1, 2, 5, 0)
+    assert torch.ops.snp_fast.qk_scores_dxd(q, q, 1).shape == (2, 0)
 
 
 def test_dxd_op_rejects_bad_input():

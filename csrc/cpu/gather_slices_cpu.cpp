@@ -5,6 +5,7 @@
 // runs done by index_select_out.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -76,8 +77,11 @@ std::vector<at::Tensor> gather_slices_cpu(at::TensorList src, at::IntArrayRef di
     out[i] = at::empty(shape, src[i].options().memory_format(at::MemoryFormat::Contiguous));
   }
   // One work item per tensor; a single tensor's row gather uses the threads itself (nested
-  // parallel_for runs inline).
+  // parallel_for runs inline). The ATen calls on the worker threads need the caller's grad and inference
+  // modes, which parallel_for does not carry over (else: a Parameter or an inference tensor is refused).
+  const at::ThreadLocalState tls;
   at::parallel_for(0, static_cast<int64_t>(n), 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(tls);
     for (int64_t i = begin; i < end; ++i) {
       if (ib[i].defined()) {
         at::Tensor tmp = at::empty(sliced_shape(src[i], dim_a[i], idx_a[i].numel()), src[i].options());

@@ -6,8 +6,10 @@
 //   1. G_q = QᵀQ, G_k = KᵀK in float64: per task by torch's BLAS dsyrk when it exports one (blas.h),
 //      else by batched GEMM (images processed in chunks to bound memory); or given (qk_scores_grams).
 //      The d×d products below go to torch's dgemm when found (blas.h), else to plain loops.
-//   2. R with RᵀR = G_q by pivoted Cholesky (r × d, r = numerical rank of Q; stops when the largest
-//      remaining pivot is ≤ 1e-12·max diag(G_q), far below anything that reaches the σ threshold).
+//   2. R with RᵀR = G_q by pivoted Cholesky (r × d, r = numerical rank of Q), pivoting and stopping on
+//      the column-scaled residuals (a column joins while what is left of it exceeds 1e-12 of its own
+//      squared norm), so that the result does not depend on the filters' scales: one filter 10⁶× louder
+//      than the rest must not hide the others' directions.
 //      Then Q = A R with A orthonormal, and S Sᵀ = A (R G_k Rᵀ) Aᵀ: the left singular vectors of S
 //      are u_j = A x_j with x_j the eigenvectors of the r×r matrix B = R G_k Rᵀ, eigenvalues σ_j².
 //   3. cos(u_j, q_i) = (x_jᵀ R)_i / ‖q_i‖ and, since v_j = Sᵀu_j/σ_j,
@@ -110,38 +112,39 @@ struct Work {
       : gemm(snp_fast::blas::dgemm()),
         R(d * d), C(d * d), A(d * d), V(d * d), Z(d * d), Zt(d * d), P(d * d), Pk(d * d), u1(d * d), u2(d * d),
         mult(d * d), sw(d * d), ip(d * d), beta(d), diag(d), off(d), lam(d), dres(d), x(d), shift(d), cd(d), cs(d),
-        done(d), cluster(d), e2(d), qn2(d), kn2(d) {}
+        done(d), cluster(d), e2(d), qn2(d), kn2(d), inv_diag(d) {}
   snp_fast::blas::gemm_fn<double> gemm;
   std::vector<double> R, C, A, V, Z, Zt, P, Pk, u1, u2, mult, sw, ip;
   std::vector<double> beta, diag, off, lam, dres, x, shift, cd, cs;
   std::vector<char> done;
   std::vector<int64_t> cluster;
   std::vector<double> e2, qn2, kn2;  // QL scratch; diagonals of G_q, G_k (squared norms of q_i, k_i)
+  std::vector<double> inv_diag;      // 1 / G_q[j, j] (0 for a zero column): the pivoted Cholesky's scaling
   int64_t n = 0;                     // rank of Q: order of B
   double tscale = 1;                 // the scale of the tridiagonal copy in lam, e2
 };
 
 // Pivoted Cholesky, rows of R (row-major r × d, original column order): RᵀR = G up to the dropped
-// Schur complement. Returns r.
+// Schur complement. Returns r. Pivots and stop are those of the unit-diagonal D⁻¹GD⁻¹ (D² = diag G), whose
+// factor is R D⁻¹: the residual of column j is compared with G[j, j], not with the largest column.
 SNP_INLINE int64_t pivoted_cholesky(const double* G, int64_t d, Work& w) {
   double* R = w.R.data();
   double* dres = w.dres.data();
+  double* inv_diag = w.inv_diag.data();
   char* done = w.done.data();
-  double maxd = 0;
   for (int64_t j = 0; j < d; ++j) {
     dres[j] = G[j * d + j];
     done[j] = 0;
-    maxd = std::max(maxd, dres[j]);
+    inv_diag[j] = dres[j] > 0 ? 1.0 / dres[j] : 0.0;
   }
-  if (!(maxd > 0)) return 0;
-  const double tol = kPivotRtol * maxd;
   int64_t r = 0;
   for (; r < d; ++r) {
     int64_t p = -1;
-    double piv = tol;
+    double best = kPivotRtol;
     for (int64_t j = 0; j < d; ++j)
-      if (!done[j] && dres[j] > piv) { piv = dres[j]; p = j; }
+      if (!done[j] && dres[j] * inv_diag[j] > best) { best = dres[j] * inv_diag[j]; p = j; }
     if (p < 0) break;
+    const double piv = dres[p];
     double* rs = R + r * d;
     sum_rows(rs, G + p * d, -1.0, R + p, d, R, d, r, d);  // G[p, :] − Σ_t R[t, p] R[t, :]
     const double sp = std::sqrt(piv), inv = 1.0 / sp;
@@ -501,6 +504,14 @@ SNP_MULTIVERSION void qk_finish(int64_t d, int64_t gamma, double* out, Work& w) 
   }
 }
 
+// true when no entry of g[0, n) is NaN or ±Inf (x·0 is 0 exactly for finite x)
+bool all_finite(const double* g, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += g[i] * 0.0;
+  return s == 0;
+}
+
 constexpr int64_t kGroup = 8;  // tasks whose eigenvalue iterations run interleaved (tql_values_multi)
 
 // Scores of tasks [begin, end) (adds ω of task t to out[t·d ...]), in groups of kGroup. grams(t) returns
@@ -517,6 +528,8 @@ void score_tasks(int64_t begin, int64_t end, int64_t d, int64_t gamma, double* o
     int64_t njobs = 0;
     for (int64_t k = 0; k < count; ++k) {
       const auto [gq, gk] = grams(t0 + k);
+      TORCH_CHECK(all_finite(gq, d * d) && all_finite(gk, d * d), "qk_scores: q or k holds NaN or Inf values "
+                  "(in (image, head) task ", t0 + k, ", counting image-major)");
       if (!qk_reduce(gq, gk, d, work[k])) continue;
       jobs[njobs].reset(work[k].lam.data(), work[k].e2.data(), work[k].n);
       task_of_job[njobs++] = k;

@@ -10,6 +10,7 @@
 // score is 0 (as the reference).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -77,6 +78,9 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
   std::vector<double> norm(n);
   std::vector<float> inv(n);
   row_norms(wf.data_ptr<float>(), n, m, norm, inv);
+  // float64 sums of fp32 squares cannot overflow: a norm is finite exactly when its row is
+  const auto bad = std::find_if(norm.begin(), norm.end(), [](double v) { return !std::isfinite(v); });
+  TORCH_CHECK(bad == norm.end(), "redundancy_scores: w holds NaN or Inf values (row ", bad - norm.begin(), ")");
   // Raw rows unless a norm is so large or small that fp32 products w_i·w_l could overflow or turn
   // subnormal; then a normalised copy (and unit scales) instead.
   const bool raw =
@@ -130,7 +134,9 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
     std::vector<std::pair<int64_t, int64_t>> pairs;
     for (int64_t I = 0; I < nb; ++I)
       for (int64_t J = I; J < nb; ++J) pairs.emplace_back(I, J);
+    const at::ThreadLocalState tls;  // the caller's grad / inference modes, for the ATen calls on the workers
     at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(tls);
       const int64_t tid = at::get_thread_num();
       auto tile = at::empty({T, T}, wf.options());
       std::vector<float> colsum(T);

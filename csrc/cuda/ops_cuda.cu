@@ -47,6 +47,7 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& w) {
   const int64_t n = w.size(0);
   auto wf = w.to(at::kFloat).contiguous();
   auto norms = at::linalg_vector_norm(wf.to(at::kDouble), 2, {1}, false, std::nullopt);
+  TORCH_CHECK(at::isfinite(norms).all().item<bool>(), "redundancy_scores: w holds NaN or Inf values");
   auto inv = at::where(norms > 0, 1.0 / norms, at::zeros_like(norms)).to(at::kFloat);
   auto wn = (wf * inv.unsqueeze(1)).contiguous();
   auto sums = at::zeros({n}, norms.options());

@@ -34,6 +34,8 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, gamma: int) -> None:
         raise ValueError(f'q and k must both be (B, H, N, d) with equal shapes, got {tuple(q.shape)} and {tuple(k.shape)}')
     if gamma < 1:
         raise ValueError(f'gamma must be >= 1, got {gamma}')
+    if not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+        raise ValueError('qk_scores: q or k holds NaN or Inf values')
 
 
 def qk_scores_literal(q: torch.Tensor, k: torch.Tensor, gamma: int, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -93,11 +95,22 @@ def qk_scores_dxd(q: torch.Tensor, k: torch.Tensor, gamma: int) -> torch.Tensor:
 
 def _gram_root(g: torch.Tensor) -> torch.Tensor:
     """R with RᵀR = G for a PSD Gram matrix G; eigenvalues within rounding of zero are clamped to 0
-    so that dead directions give exactly zero rows instead of sqrt-amplified noise."""
-    lam, vec = torch.linalg.eigh(g)
+    so that dead directions give exactly zero rows instead of sqrt-amplified noise. The root is that of
+    the unit-diagonal D⁻¹GD⁻¹ (D² = diag G), times D: "within rounding" is then relative to each filter's
+    own norm, and a filter far louder than the others does not push their directions under the clamp."""
+    dn = g.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    dn = torch.where(dn > 0, dn, torch.ones_like(dn))
+    lam, vec = torch.linalg.eigh(g / (dn.unsqueeze(-1) * dn.unsqueeze(-2)))
     lam_max = lam[..., -1:].clamp_min(0)
     lam = torch.where(lam > lam_max * (g.shape[-1] * 4 * torch.finfo(torch.float32).eps), lam, torch.zeros_like(lam))
-    return lam.sqrt().unsqueeze(-1) * vec.transpose(-1, -2)
+    return lam.sqrt().unsqueeze(-1) * vec.transpose(-1, -2) * dn.unsqueeze(-2)
+
+
+def _check_finite_rows(w: torch.Tensor) -> None:
+    bad = (~torch.isfinite(w).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        rows = ', '.join(map(str, bad[:5])) + (', ...' if len(bad) > 5 else '')
+        raise ValueError(f'redundancy scores: w holds NaN or Inf values (rows {rows})')
 
 
 def redundancy_scores_full(w: torch.Tensor) -> torch.Tensor:
@@ -109,6 +122,7 @@ def redundancy_scores_full(w: torch.Tensor) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f'redundancy scores need a 2-D weight (rows = filters), got shape {tuple(w.shape)}')
     w = w.float()
+    _check_finite_rows(w)
     norms = w.norm(dim=1)
     wn = _safe_div(w, norms.unsqueeze(1))
     cos = (wn @ wn.t()).abs()

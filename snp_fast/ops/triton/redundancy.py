@@ -54,7 +54,9 @@ def redundancy_scores_triton(w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f'redundancy scores need a 2-D weight (rows = filters), got shape {tuple(w.shape)}')
     w = w.float()
     n = w.shape[0]
-    norms = w.double().norm(dim=1)
+    norms = w.double().norm(dim=1)  # finite exactly when the row is (fp32 squares cannot overflow float64)
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError('redundancy scores: w holds NaN or Inf values')
     wn = (w * torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms)).float().unsqueeze(1)).contiguous()
     if n == 0:
         return torch.zeros(0, device=w.device)
