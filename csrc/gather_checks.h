@@ -15,9 +15,16 @@ inline void check_slice_index(const at::Tensor& idx, size_t i) {
               " must be a 1-D int64 tensor");
 }
 
+// One slice's index range (two host reads: the CPU checks each slice, CUDA only on its error path).
+inline void check_range(const at::Tensor& src, int64_t dim, const at::Tensor& idx, size_t i) {
+  if (idx.numel() == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < src.size(dim), "gather_slices: index out of range for tensor ", i, " dim ", dim,
+              " of size ", src.size(dim), " (got [", lo, ", ", hi, "])");
+}
+
 // Lengths of the lists, every slice's dim and index type, and no dim sliced twice. Index RANGES are left
-// to the device implementation (the CPU checks them up front; CUDA's index_select checks on the device,
-// without a host sync per tensor).
+// to the device implementation (the CPU checks each slice; CUDA all of them with one host sync).
 inline void check_gather_args(at::TensorList src, at::IntArrayRef dim_a, at::TensorList idx_a,
                               at::IntArrayRef dim_b, const c10::List<std::optional<at::Tensor>>& idx_b) {
   const size_t n = src.size();

@@ -126,8 +126,9 @@ class LinearFit:
         if int(info) == 0:
             del g  # cholesky_solve copies the factor: G is not held beside both (3 n×n fp64 matrices)
             delta = torch.cholesky_solve(self.rtx.t(), chol)  # (in[+1], out) = ΔWᵀ, column-major
-        else:  # numerically singular even with jitter: least-norm solution
-            delta = torch.linalg.lstsq(g, self.rtx.t()).solution
+        else:  # numerically singular even with jitter: a rank-revealing solve (on the CPU: CUDA's lstsq is
+            # QR without pivoting, which assumes full rank)
+            delta = torch.linalg.lstsq(g.cpu(), self.rtx.t().cpu(), driver='gelsy').solution.to(g.device)
         del chol
         dw = delta.t()  # (out, in[+1]) = ΔW (and Δb), row-major
         d = dw.reshape(-1)

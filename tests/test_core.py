@@ -537,6 +537,21 @@ def test_auto_backend_selects_the_same_filters_as_reference(name):
     assert auto.snp_recipe['selection'] == ref.snp_recipe['selection']
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('refit', [False, True])
+def test_cuda_prune_selects_the_same_filters_as_cpu_reference(refit):
+    """The whole prune on a GPU (its kernels: cuBLAS / Triton / the hybrid Q/K scores) against the
+    pure-Python version on the CPU: the same filters, and with re-fit the same outputs to rounding."""
+    model = tiny('deit_tiny_patch16_224')
+    x = images(4)
+    ratios = {'qk': 0.5, 'v': 0.4, 'mlp': 0.3, 'embed': 0.25}
+    ref, _ = snp_fast.prune(model, x, ratios=ratios, refit=refit, backend='reference')
+    gpu, _ = snp_fast.prune(model.cuda(), x.cuda(), ratios=ratios, refit=refit)
+    assert gpu.snp_recipe['selection'] == ref.snp_recipe['selection']
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), ref(x), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224',
                                   pytest.param('vit_large_patch16_224', marks=pytest.mark.slow)])
 def test_full_size_models_prune_and_run(name):

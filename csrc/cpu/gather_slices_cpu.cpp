@@ -14,13 +14,6 @@
 
 namespace {
 
-void check_range(const at::Tensor& src, int64_t dim, const at::Tensor& idx, size_t i) {
-  if (idx.numel() == 0) return;
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < src.size(dim), "gather_slices: index out of range for tensor ", i, " dim ", dim,
-              " of size ", src.size(dim), " (got [", lo, ", ", hi, "])");
-}
-
 // out[r, j] = src[r, idx[j]] for the (rows, cols) view of a contiguous tensor; E: an unsigned integer type
 // of the element's size (the bits are copied, whatever the dtype).
 template <typename E>
@@ -66,11 +59,11 @@ std::vector<at::Tensor> gather_slices_cpu(at::TensorList src, at::IntArrayRef di
   std::vector<at::Tensor> out(n);
   std::vector<at::Tensor> ib(n);
   for (size_t i = 0; i < n; ++i) {
-    check_range(src[i], dim_a[i], idx_a[i], i);
+    snp_fast::check_range(src[i], dim_a[i], idx_a[i], i);
     const std::optional<at::Tensor> b = idx_b.get(i);
     auto shape = sliced_shape(src[i], dim_a[i], idx_a[i].numel());
     if (b.has_value()) {
-      check_range(src[i], dim_b[i], *b, i);
+      snp_fast::check_range(src[i], dim_b[i], *b, i);
       ib[i] = *b;
       shape[dim_b[i]] = ib[i].numel();
     }

@@ -62,6 +62,28 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& w) {
   return at::where(norms > 0, omega, at::zeros_like(omega)).to(at::kFloat);
 }
 
+// Every slice's index range with one host sync: CUDA's index_select checks ranges by a device-side assert,
+// which leaves the CUDA context unusable instead of raising. Each slice adds (min, size − 1 − max), and all
+// must be ≥ 0; the slow per-slice check then names the first bad one.
+void check_ranges(at::TensorList src, at::IntArrayRef dim_a, at::TensorList idx_a, at::IntArrayRef dim_b,
+                  const c10::List<std::optional<at::Tensor>>& idx_b) {
+  std::vector<at::Tensor> margins;
+  const auto add = [&](size_t i, int64_t dim, const at::Tensor& idx) {
+    if (idx.numel() == 0) return;
+    const auto ix = idx.to(src[i].device());
+    margins.push_back(at::stack({ix.min(), (src[i].size(dim) - 1) - ix.max()}));
+  };
+  for (size_t i = 0; i < src.size(); ++i) {
+    add(i, dim_a[i], idx_a[i]);
+    if (const std::optional<at::Tensor> b = idx_b.get(i); b.has_value()) add(i, dim_b[i], *b);
+  }
+  if (margins.empty() || at::cat(margins).min().item<int64_t>() >= 0) return;
+  for (size_t i = 0; i < src.size(); ++i) {
+    snp_fast::check_range(src[i], dim_a[i], idx_a[i], i);
+    if (const std::optional<at::Tensor> b = idx_b.get(i); b.has_value()) snp_fast::check_range(src[i], dim_b[i], *b, i);
+  }
+}
+
 std::vector<at::Tensor> gather_slices_cuda(at::TensorList src, at::IntArrayRef dim_a, at::TensorList idx_a,
                                            at::IntArrayRef dim_b, const c10::List<std::optional<at::Tensor>>& idx_b) {
   snp_fast::check_gather_args(src, dim_a, idx_a, dim_b, idx_b);
@@ -69,8 +91,8 @@ std::vector<at::Tensor> gather_slices_cuda(at::TensorList src, at::IntArrayRef d
   std::vector<at::Tensor> out(n);
   if (n == 0) return out;
   const c10::cuda::CUDAGuard guard(src[0].device());
+  check_ranges(src, dim_a, idx_a, dim_b, idx_b);
   for (size_t i = 0; i < n; ++i) {
-    // index_select checks the index range on the device (an out-of-range index raises)
     at::Tensor t = src[i].index_select(dim_a[i], idx_a[i].to(src[i].device()));
     const std::optional<at::Tensor> b = idx_b.get(i);
     if (b.has_value()) t = t.index_select(dim_b[i], b->to(src[i].device()));

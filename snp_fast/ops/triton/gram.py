@@ -26,7 +26,7 @@ def _gram_tile_kernel(x_ptr, g_ptr, T, m, stride_xt, stride_xm,
     tt = tl.arange(0, BLOCK_T)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tt
+        t = (t0 + tt).to(tl.int64)  # token offsets pass 2³¹ elements at T·m ≥ 2³¹ (ViT-L fc2: ~2700 images)
         a = tl.load(x_ptr + t[:, None] * stride_xt + ci[None, :] * stride_xm,
                     mask=(t[:, None] < T) & (ci[None, :] < m), other=0.0)          # (BLOCK_T, BLOCK)
         b = tl.load(x_ptr + t[:, None] * stride_xt + cj[None, :] * stride_xm,

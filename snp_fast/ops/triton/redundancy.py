@@ -22,8 +22,8 @@ def _redundancy_tile_kernel(wn_ptr, sums_ptr, n, m, stride_w,
     pid_j = tl.program_id(1)
     if pid_j < pid_i:          # lower triangle: covered by the mirrored tile
         return
-    rows_i = pid_i * BLOCK + tl.arange(0, BLOCK)
-    rows_j = pid_j * BLOCK + tl.arange(0, BLOCK)
+    rows_i = (pid_i * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # row offsets in 64 bits: n·m may pass 2³¹
+    rows_j = (pid_j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, m, BLOCK_K):
