@@ -65,14 +65,17 @@ def format_quantity(v: float) -> str:
     return f'{v:.0f}'
 
 
-def profile_ratios(s: float, depth: int, heads: float = 0.0) -> Dict:
-    """The allocation rule above, as a ratios dict {'blocks': [...], 'embed'} (fractions removed)."""
+def profile_ratios(s: float, depth: int, heads: float = 0.0, fixed_qk: bool = False) -> Dict:
+    """The allocation rule above, as a ratios dict {'blocks': [...], 'embed'} (fractions removed).
+    fixed_qk: the model's q/k dims cannot be pruned (RoPE, qk_norm): their ratio is 0."""
     blocks = []
     for i in range(depth):
         t = i / (depth - 1) if depth > 1 else 1.0
         blocks.append({k: min(MAX_RATIO, max(0.0, s * (a + b * t))) for k, (a, b) in
                        ((k, PROFILE[k]) for k in ('qk', 'v', 'mlp'))})
         blocks[-1]['heads'] = heads
+        if fixed_qk:
+            blocks[-1]['qk'] = 0.0
     return {'blocks': blocks, 'embed': min(MAX_EMBED_RATIO, max(0.0, s * PROFILE['embed']))}
 
 
@@ -168,13 +171,14 @@ def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: in
     meta = model if all(p.is_meta for p in model.parameters()) else meta_copy(model)
     orig = vit.model_dims(meta)
     depth = len(orig.blocks)
+    fixed_qk = bool(vit.fixed_qk_reason(meta))  # RoPE / qk_norm: q/k stay whole, the rest makes up the target
     unit = 'MACs' if metric == 'macs' else 'parameters'
     flag = '--flops' if metric == 'macs' else '--params'
     cache: Dict[str, int] = {}
     history: List[Tuple[float, int]] = []
 
     def dims_at(s: float) -> ModelDims:
-        d = target_dims(orig, resolve_ratios(profile_ratios(s, depth, heads), depth), [])
+        d = target_dims(orig, resolve_ratios(profile_ratios(s, depth, heads, fixed_qk), depth), [])
         return round_dims(orig, d, round_to)
 
     def cost(s: float) -> int:

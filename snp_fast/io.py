@@ -49,16 +49,47 @@ def infer_timm_config(model: nn.Module, overrides: Optional[dict] = None) -> Tup
     except (TypeError, ValueError):
         return None, {}, f'its timm kwargs are not JSON-serialisable: {sorted(kwargs)}'
     import timm
-    try:
-        skeleton = timm.create_model(name, pretrained=False, device='meta', **kwargs)
-    except Exception as e:  # noqa: BLE001 -- any failure means these kwargs do not rebuild the model
-        return None, kwargs, f'timm.create_model({name!r}, **{kwargs}) failed: {e}'
+
+    def differs(kw: dict) -> str:
+        try:
+            skeleton = timm.create_model(name, pretrained=False, device='meta', **kw)
+        except Exception as e:  # noqa: BLE001 -- any failure means these kwargs do not rebuild the model
+            return f'timm.create_model({name!r}, **{kw}) failed: {e}'
+        return _difference(model, skeleton, f'timm.create_model({name!r}, **{kw})')
+
+    why = differs(kwargs)
+    pool = getattr(model, 'global_pool', None)
+    if why and isinstance(pool, str):
+        # reset_classifier(global_pool=...) is not recorded in _model_args: say it, with the final norm it kept
+        retry = dict(kwargs, global_pool=pool)
+        if isinstance(getattr(model, 'fc_norm', None), nn.Module):
+            retry['fc_norm'] = not isinstance(model.fc_norm, nn.Identity)
+        if not differs(retry):
+            return name, retry, ''
+    return (None, kwargs, why) if why else (name, kwargs, '')
+
+
+# Model attributes that change the forward pass without changing any parameter's name or shape.
+_FORWARD_ATTRS = ('global_pool', 'num_prefix_tokens', 'has_class_token', 'no_embed_class', 'pool_include_prefix',
+                  'dynamic_img_size')
+
+
+def _difference(model: nn.Module, skeleton: nn.Module, built: str) -> str:
+    """'' when `skeleton` has `model`'s parameter names and shapes, module types and forward attributes."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if want != got:
-        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
-        return None, kwargs, f'timm.create_model({name!r}, **{kwargs}) builds a different model (e.g. {diff})'
-    return name, kwargs, ''
+        return f'{built} builds a different model (e.g. {sorted(set(want.items()) ^ set(got.items()))[:3]})'
+    types = dict((n, type(m)) for n, m in skeleton.named_modules())
+    for n, m in model.named_modules():
+        if types.get(n) is not type(m):
+            return (f'{built} builds {n or "the model"} as a {getattr(types.get(n), "__name__", None)}, '
+                    f'not a {type(m).__name__}')
+    for attr in _FORWARD_ATTRS:
+        a, b = getattr(model, attr, None), getattr(skeleton, attr, None)
+        if a != b:
+            return f'{built} builds a model with {attr} = {b!r}, not {a!r}'
+    return ''
 
 
 def _adapter(recipe: dict):
@@ -102,15 +133,16 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix='.snp_fast_', dir=parent)
+    old = None
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(tmp, WEIGHTS), metadata={'format': recipe['format']})
+        save_file(state, os.path.join(tmp, WEIGHTS),
+                  metadata={'format': recipe['format'], 'structure': structure_digest(recipe)})
         with open(os.path.join(tmp, RECIPE), 'w') as f:
             json.dump(recipe, f, indent=1)
         if report is not None:
             with open(os.path.join(tmp, 'report.json'), 'w') as f:
                 json.dump(report.to_dict(), f, indent=1, default=str)
-        old = None
         if os.path.exists(directory):  # keep the old directory until the new one is in place
             old = tempfile.mkdtemp(prefix='.snp_fast_old_', dir=parent)
             os.replace(directory, os.path.join(old, 'd'))
@@ -119,8 +151,22 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:  # the new one did not land: the previous save goes back where it was
+            if os.path.exists(os.path.join(old, 'd')) and not os.path.exists(directory):
+                os.replace(os.path.join(old, 'd'), directory)
+            shutil.rmtree(old, ignore_errors=True)
         raise
     return directory
+
+
+def structure_digest(recipe: dict) -> str:
+    """A hash of what fixes a pruned model's structure (architecture, widths, kept indices), written into the
+    weights file's metadata: a recipe.json from another save is caught on load even where the tensor shapes
+    agree (e.g. 3 heads of 32 dims against 2 heads of 48)."""
+    import hashlib
+    keys = ('family', 'timm_name', 'timm_kwargs', 'dims_before', 'dims_after', 'selection')
+    text = json.dumps({k: recipe.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_format_json(path: str, fmt: str, what: str, error: type) -> dict:
@@ -150,7 +196,10 @@ def load_recipe(directory: str) -> dict:
 
 def _init_computed_buffers(model: nn.Module, device) -> None:
     """Non-persistent buffers (RoPE tables, EvaAttention's zero k_bias) are not in the weights file: timm
-    recomputes them from each module's configuration (init_non_persistent_buffers)."""
+    recomputes them from each module's configuration (init_non_persistent_buffers), in float32; in a model
+    saved in another float dtype their modules are then moved to it, as model.to(dtype) had done before the
+    save (by the module's own rules: timm's RoPE keeps its periods in float32)."""
+    computed = []
     for name, buf in list(model.named_buffers()):
         if not buf.is_meta:
             continue
@@ -159,9 +208,14 @@ def _init_computed_buffers(model: nn.Module, device) -> None:
         if not hasattr(mod, 'init_non_persistent_buffers'):
             raise RecipeError(f'buffer {name} is not saved and {type(mod).__name__} cannot recompute it')
         mod._buffers[leaf] = torch.empty_like(buf, device=device)
+        computed.append(mod)
     for mod in model.modules():
         if hasattr(mod, 'init_non_persistent_buffers') and any(True for _ in mod.buffers(recurse=False)):
             mod.init_non_persistent_buffers()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype != torch.float32:
+        for mod in computed:
+            mod.to(dtype)
 
 
 def load_pruned(directory: str, device='cpu') -> nn.Module:
@@ -188,6 +242,7 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
     with safe_open(wpath, framework='pt', device=str(device)) as f:
+        saved = (f.metadata() or {}).get('structure')  # (absent in files written before it was recorded)
         keys = set(f.keys())
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
         if missing or unexpected:
@@ -197,6 +252,9 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
             if tuple(t.shape) != expected[k]:
                 raise RecipeError(f'{wpath}: {k} has shape {tuple(t.shape)} but the recipe gives {expected[k]}')
             state[k] = t
+    if saved is not None and saved != structure_digest(recipe):  # the shapes agree, yet the structure differs
+        raise RecipeError(f'{wpath} was not saved with {directory}/{RECIPE}: the recipe describes another '
+                          'pruned structure (architecture, widths or kept indices)')
     model.load_state_dict(state, strict=True, assign=True)
     _init_computed_buffers(model, device)
     model.snp_recipe = recipe

@@ -146,8 +146,9 @@ def _check_calib(model: nn.Module, calib) -> torch.Tensor:
 
 
 def _finite(t: torch.Tensor, where: str) -> torch.Tensor:
-    # one reduction instead of an elementwise mask: a NaN or Inf anywhere makes the sum non-finite
-    if not torch.isfinite(t.sum()):
+    # one reduction instead of an elementwise mask: a NaN or Inf anywhere makes the sum non-finite (summed in
+    # fp32 at least: a half-precision sum of finite activations overflows past 65504)
+    if not torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32))):
         raise FloatingPointError(f'non-finite activations (NaN/Inf) at {where}; check the model weights and '
                                  'calibration images')
     return t

@@ -111,8 +111,9 @@ class LinearFit:
             raise ValueError(f'damp must be >= 0, got {damp}')
         yy = self.yy.clamp_min(torch.finfo(torch.float64).tiny)
         before = float(self.rr / yy)
-        if before <= (4 * torch.finfo(self.layer.weight.dtype).eps) ** 2:
-            # the sliced layer already matches to the layer's own rounding: nothing real to fit
+        if before <= max(torch.finfo(self.layer.weight.dtype).eps, 4 * torch.finfo(torch.float32).eps) ** 2:
+            # the sliced layer already matches to rounding (one ulp RMS of a half-precision layer, a few of an
+            # fp32 one): nothing real to fit
             return RefitStats(self.tokens, before, before)
         g = self._gram()
         scale = g.diagonal().mean().clamp_min(1e-12)

@@ -216,6 +216,27 @@ def test_refit_with_nothing_removed_keeps_weights():
     assert len(report.refit) == 4 * 2 + 1
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_refit_fits_half_precision_layers_off_by_more_than_rounding(dtype):
+    """A bfloat16 layer whose outputs are ~3 % off is fitted (the "already matches" cut was 256 ulp² and
+    skipped it); the fit brings it to the dtype's rounding."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 32, generator=g)
+    target = nn.Linear(32, 16)
+    with torch.no_grad():
+        y = target(x)
+        layer = nn.Linear(32, 16).to(dtype)
+        layer.weight.copy_(target.weight + 0.03 * torch.randn(16, 32, generator=g) * target.weight.abs().mean())
+        layer.bias.copy_(target.bias)
+    fit = LinearFit(layer)
+    fit.add(x.to(dtype), y)
+    st = fit.solve()
+    assert st.err_sliced > 1e-4 and st.err_refit < st.err_sliced / 50
+    with torch.no_grad():
+        err = (layer(x.to(dtype)).float() - y).pow(2).sum() / y.pow(2).sum()
+    assert err < st.err_sliced / 10
+
+
 def test_refit_reproduces_output_when_removed_filter_is_collinear():
     """Removing an input exactly collinear with a kept one loses nothing that the re-fit cannot restore.
     The ridge (damp) trades exactness for robustness with few calibration tokens: with damp -> 0 the
@@ -572,6 +593,80 @@ def test_round_trip_keeps_every_timm_option(tmp_path):
     assert isinstance(loaded.blocks[0].mlp.act, nn.ReLU) and loaded.pool_include_prefix
     with torch.no_grad():
         assert torch.equal(pruned.eval()(x), loaded(x))
+
+
+def test_round_trip_after_reset_classifier_pooling(tmp_path):
+    """reset_classifier(global_pool=...) is not in timm's recorded kwargs: the recipe says it (with the final
+    norm the model kept), or the loaded model would pool differently."""
+    model = tiny('vit_tiny_patch16_224')
+    model.reset_classifier(10, global_pool='avg')
+    x = images(3)
+    pruned, _ = snp_fast.prune(model, x, ratios={'mlp': 0.5})
+    assert pruned.snp_recipe['timm_kwargs']['global_pool'] == 'avg'
+    loaded = snp_fast.load_pruned(snp_fast.save_pruned(pruned, str(tmp_path / 'm')))
+    with torch.no_grad():
+        assert torch.equal(pruned(x), loaded(x))
+
+
+def test_weights_with_another_saves_recipe_are_refused(tmp_path):
+    """3 heads of 32 q/k/v dims and 2 heads of 48 give the same tensor shapes: only the recorded structure
+    tells a recipe.json copied from another save apart."""
+    import shutil
+    model = tiny('deit_tiny_patch16_224')  # 3 heads of 64
+    x = images(3)
+    a, _ = snp_fast.prune(model, x, ratios={'qk': 0.5, 'v': 0.5, 'mlp': 0.5}, refit=False)
+    b, _ = snp_fast.prune(model, x, ratios={'heads': 0.34, 'qk': 0.25, 'v': 0.25, 'mlp': 0.5}, refit=False)
+    da, db = snp_fast.save_pruned(a, str(tmp_path / 'a')), snp_fast.save_pruned(b, str(tmp_path / 'b'))
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    shutil.copy(os.path.join(da, 'recipe.json'), os.path.join(db, 'recipe.json'))
+    with pytest.raises(snp_fast.RecipeError, match="another pruned structure"):
+        snp_fast.load_pruned(db)
+
+
+def test_failed_save_puts_the_previous_one_back(tmp_path, monkeypatch):
+    model = tiny('deit_tiny_patch16_224')
+    pruned, _ = snp_fast.prune(model, images(2), ratios=0.3, refit=False)
+    d = snp_fast.save_pruned(pruned, str(tmp_path / 'm'))
+    before = sorted(os.listdir(d))
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # the old directory moves aside, then putting the new one in place fails
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError('disk full')
+        real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', replace)
+    with pytest.raises(OSError, match='disk full'):
+        snp_fast.save_pruned(pruned, d, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(d)) == before
+    assert sorted(os.listdir(tmp_path)) == ['m']  # no temporary directory left behind
+    snp_fast.load_pruned(d)
+
+
+def test_half_precision_activation_sums_do_not_read_as_overflow():
+    """The finiteness check of the activations sums in fp32: an fp16 sum of finite activations with a
+    large-mean channel overflows past 65504 and was reported as NaN/Inf."""
+    model = tiny('deit_tiny_patch16_224')
+    with torch.no_grad():
+        model.patch_embed.proj.bias[0] = 3000.0
+    model = model.half()
+    x = images(8).half()
+    with torch.no_grad():
+        assert torch.isfinite(model.blocks[0](model._pos_embed(model.patch_embed(x)))).all()
+    snp_fast.prune(model, x, ratios=0.3, refit=False)
+
+
+def test_onnx_check_feeds_the_models_dtype(tmp_path):
+    """An fp16 model exports an fp16 graph: the check feeds it fp16 images (it fed float32 and failed);
+    bfloat16, which ONNX Runtime's CPU kernels do not run, is refused with the way out."""
+    pytest.importorskip('onnxruntime')
+    from snp_fast.export import check_onnx, export_onnx
+    pruned, _ = snp_fast.prune(tiny('deit_tiny_patch16_224', depth=1), images(2), ratios=0.3, refit=False)
+    half = pruned.half()
+    assert check_onnx(half, export_onnx(half, str(tmp_path / 'h.onnx'))) < 1e-2
+    with pytest.raises(ValueError, match='float32 copy'):
+        check_onnx(pruned.bfloat16(), str(tmp_path / 'h.onnx'))
 
 
 def test_model_timm_cannot_rebuild_is_refused_at_save(tmp_path):

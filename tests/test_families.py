@@ -160,6 +160,30 @@ def test_parallel_blocks_are_refused():
         snp_fast.prune(m, _images(2, 1), RATIOS)
 
 
+def test_rope_model_in_bfloat16_round_trips(tmp_path):
+    """The buffers load_pruned recomputes (RoPE tables, EvaAttention's zero k_bias) come back in the model's
+    dtype: float32 ones next to bfloat16 q/v biases made the loaded model fail in its first qkv."""
+    m = _build('eva_split_bias').to(torch.bfloat16)
+    x = _images(4, 2).to(torch.bfloat16)
+    pruned, _ = snp_fast.prune(m, x, RATIOS, refit=False)
+    loaded = snp_fast.load_pruned(snp_fast.save_pruned(pruned, str(tmp_path / 'm')))
+    dtypes = lambda model: {n: b.dtype for n, b in model.named_buffers()}  # noqa: E731 (RoPE periods stay fp32)
+    assert dtypes(loaded) == dtypes(pruned) and loaded.blocks[0].attn.k_bias.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+
+
+def test_allocate_keeps_qk_whole_where_it_cannot_be_pruned():
+    """RoPE and qk_norm models: the allocation sets q/k to 0 and reaches the target with the rest, and
+    prune accepts its ratios (before, every such allocation asked for q/k pruning and was refused)."""
+    from snp_fast import allocate as al
+    for m in (_build('eva_split_bias'), timm.create_model('vit_small_patch16_224', **SMALL, qk_norm=True)):
+        full = al.dims_cost(m, vit.model_dims(m), 'params', None)
+        a = al.allocate(m, 0.7 * full, 'params')
+        assert all(b['qk'] == 0 for b in a.ratios['blocks']) and abs(a.achieved / (0.7 * full) - 1) <= 0.02
+        snp_fast.prune(m.eval(), _images(2, 3), a.ratios, refit=False)
+
+
 def test_rope_models_refuse_qk_pruning():
     m = _build('eva_split_bias')
     with pytest.raises(ValueError, match='RoPE.*q/k dims cannot be pruned'):
