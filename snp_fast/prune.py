@@ -411,12 +411,12 @@ def prune(
         raise ValueError(f'damp must be a finite number >= 0, got {damp!r}')
     timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
-    with eval_mode(model) as was_training, ops.prefer(backend):  # every op: `backend` where it has it
+    with eval_mode(model) as modes, ops.prefer(backend):  # every op: `backend` where it has it
         pruned, selection, refit_stats = _prune(
             model, calib, dims_before, dims_after, timer, qk_criterion=qk_criterion, v_criterion=v_criterion,
             mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion, gamma=gamma,
             refit=refit, damp=damp, refit_tokens=refit_tokens, batch=batch_size)
-    pruned.train(was_training)
+    copy_modes(pruned, modes)
     report = record(model, pruned, 'vit', PruneReport, timm_config, dims_before, dims_after, selection,
                     run_settings(args, spec, calib), timer, refit_stats, notes)
     return pruned, report
@@ -437,13 +437,23 @@ def resolve_timm_config(model: nn.Module, timm_name: Optional[str], timm_kwargs:
 
 @contextmanager
 def eval_mode(model: nn.Module):
-    """The model in eval mode for the block (yields whether it was training), restored afterwards."""
-    was_training = model.training
+    """The model in eval mode for the block; yields every module's training flag by name and restores them
+    module by module afterwards (a BatchNorm frozen in a training model stays frozen)."""
+    modes = {n: m.training for n, m in model.named_modules()}
     model.eval()
     try:
-        yield was_training
+        yield modes
     finally:
-        model.train(was_training)
+        for n, m in model.named_modules():
+            m.training = modes.get(n, m.training)
+
+
+def copy_modes(pruned: nn.Module, modes: Dict[str, bool]) -> nn.Module:
+    """Give the pruned model the original's training flags, module by module (new modules: the model's)."""
+    top = modes.get('', False)
+    for n, m in pruned.named_modules():
+        m.training = modes.get(n, top)
+    return pruned
 
 
 # prune() arguments recorded in the recipe's settings (with the resolved ratios and the calibration count)
@@ -777,7 +787,7 @@ def _refit_heads(model, pruned, x, xp, embed, damp, refit_tokens, gen, batch, st
     _, orig = _run_captured(_Call(head_fn(model)), x, {n: (getattr(model, n), 'out') for n in names}, batch)
     _, new = _run_captured(_Call(head_fn(pruned)), xp, {n: (getattr(pruned, n), 'in') for n in names}, batch)
     for n in names:
-        rows = _token_subset(new[n].shape[0], refit_tokens, gen)
+        rows = _token_subset(new[n].shape[:-1].numel(), refit_tokens, gen)  # (B, C) pooled, (B, N, C) with no pooling
         stats[n] = _fit(getattr(pruned, n), new[n], orig[n], rows, damp)
 
 

@@ -194,3 +194,31 @@ def test_presets_hit_their_macs(preset, gmacs):
     macs = count_macs(ef.apply_dims(meta_copy(model), after))
     assert abs(macs / 1e9 - gmacs) <= .02 * gmacs, macs
     assert snp_fast.load_preset(preset)['model'] == 'efficientformer_l1'
+
+
+def test_prune_keeps_each_modules_training_flag(calib):
+    """A training model with a frozen BatchNorm: the original keeps that module in eval mode and the pruned
+    model copies every module's flag (before, model.train(True) on exit unfroze it, in both)."""
+    m = tiny_efficientformer()
+    m.train()
+    m.stem.norm1.eval()
+    pruned, _ = snp_fast.prune(m, calib, 0.3)
+    assert m.training and not m.stem.norm1.training
+    assert pruned.training and not pruned.stem.norm1.training
+    assert {n: x.training for n, x in pruned.named_modules()} == {n: x.training for n, x in m.named_modules()}
+
+
+def test_head_refit_token_budget_without_pooling(calib):
+    """global_pool='': the head reads (B, N, C) tokens; the budget counts tokens, not images."""
+    m = tiny_efficientformer()
+    m.reset_classifier(10, global_pool='')
+    ratios = {'qk': 0, 'v': 0, 'mlp': 0, 'embed': [0, 0, 0, .5]}
+    n_tokens = calib.shape[0] * 7 * 7
+    for budget, used in ((None, n_tokens), (5, 5), (100, 100)):
+        _, report = snp_fast.prune(m, calib, ratios, refit_tokens=budget)
+        assert report.refit['head'].tokens == used, budget
+
+
+def test_per_block_ratios_must_be_dicts(calib):
+    with pytest.raises(ValueError, match=r'blocks\[0\] must be a dict'):
+        snp_fast.prune(tiny_efficientformer(), calib, {'blocks': [0.5] * 5})

@@ -53,7 +53,7 @@ from .. import ops
 from ..macs import meta_copy
 from ..presets import list_presets, load_preset
 from ..prune import (PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _row_scores, _run_captured,
-                     _slice_into, _Timer, _token_subset, eval_mode, record, resolve_timm_config,
+                     _slice_into, _Timer, _token_subset, copy_modes, eval_mode, record, resolve_timm_config,
                      run_settings)
 from ..ratios import _check, keep_count
 from ..refit import DEFAULT_DAMP, RefitStats
@@ -241,6 +241,8 @@ def resolve_ratios(spec, dims: EfficientFormerDims) -> dict:
             raise ValueError(f'ratios "blocks" must list one dict per MetaBlock ({n_bl} in this model)')
         blocks = []
         for i, (b, bd) in enumerate(zip(spec['blocks'], dims.blocks)):
+            if not isinstance(b, dict):
+                raise ValueError(f'ratios blocks[{i}] must be a dict with keys {list(RATIO_KEYS)}, got {b!r}')
             bad = set(b) - set(RATIO_KEYS)
             if bad:
                 raise ValueError(f'ratios blocks[{i}] has unknown keys {sorted(bad)}; expected {list(RATIO_KEYS)}')
@@ -542,11 +544,11 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
     timer = _Timer()
-    with eval_mode(model) as was_training, ops.prefer(backend):  # every op: `backend` where it has it
+    with eval_mode(model) as modes, ops.prefer(backend):  # every op: `backend` where it has it
         pruned, selection, stats = _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_criterion,
                                           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens,
                                           batch_size)
-    pruned.train(was_training)
+    copy_modes(pruned, modes)
     report = record(model, pruned, 'efficientformer', EfficientFormerReport, timm_config, dims_before, dims_after,
                     selection, run_settings(args, spec, calib), timer, stats, notes)
     return pruned, report
