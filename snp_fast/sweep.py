@@ -28,7 +28,6 @@ is replaced and its model recorded as FAILED, and one whose model timed out is r
 may have interrupted an import and left the process unusable).
 """
 import argparse
-import fnmatch
 import math
 import os
 import re
@@ -56,8 +55,9 @@ WIDTH_NOTE = 'no classifier head (num_classes=0), so embedding pruning changes t
 REFUSAL_RE = re.compile(r'not supported|unsupported|cannot be pruned|not implemented', re.I)
 
 
-class SweepTimeout(Exception):
-    """One model ran past the sweep's per-model time limit."""
+class SweepTimeout(BaseException):
+    """One model ran past the sweep's per-model time limit. A BaseException (as KeyboardInterrupt): the
+    `except Exception` of the sweep's own probes, timm's and torch's must not swallow it."""
 
 
 class SweepSkip(Exception):

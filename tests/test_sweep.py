@@ -93,6 +93,23 @@ def test_timeout(monkeypatch):
     assert (r.status, r.phase) == ('timeout', 'prune') and r.seconds < 10
 
 
+def test_timeout_inside_a_probe_is_not_swallowed(monkeypatch):
+    """The alarm firing inside one of the sweep's `except Exception` probes (the meta-device builds) still ends
+    the model as a timeout (it was swallowed, and the model then ran with no limit)."""
+    import time
+
+    import timm
+    real = timm.create_model
+
+    def slow_meta(*a, **k):
+        if k.get('device') == 'meta':
+            time.sleep(0.5)
+        return real(*a, **k)
+    monkeypatch.setattr(timm, 'create_model', slow_meta)
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=0.3)
+    assert r.status == 'timeout', (r.status, r.detail)
+
+
 def test_worker_replaced_after_timeout(monkeypatch):
     """A worker whose model timed out is not reused: the alarm may have broken it (an interrupted import)."""
     import queue
