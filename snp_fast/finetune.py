@@ -76,15 +76,15 @@ class FinetuneConfig:
         for name in ('epochs', 'batch_size'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-        if not self.lr > 0:
-            raise ValueError(f'lr must be > 0, got {self.lr}')
-        if self.weight_decay < 0:
-            raise ValueError(f'weight_decay must be >= 0, got {self.weight_decay}')
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f'lr must be a finite number > 0, got {self.lr}')
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f'weight_decay must be a finite number >= 0, got {self.weight_decay}')
         if not 0 <= self.warmup < 1:
             raise ValueError(f'warmup must be in [0, 1), got {self.warmup}')
         if not 0 <= self.alpha <= 1:
             raise ValueError(f'alpha must be in [0, 1], got {self.alpha}')
-        if not self.temperature > 0:
+        if not 0 < self.temperature < math.inf:
             raise ValueError(f'temperature must be > 0, got {self.temperature}')
         if self.checkpoint_every < 0:
             raise ValueError(f'checkpoint_every must be >= 0, got {self.checkpoint_every}')
@@ -186,33 +186,53 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
     return {'state': state, 'param_groups': groups}
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(directory: str, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Write model weights + optimizer tensors (safetensors) and `state` (JSON) to `directory`, each file
-    written beside its destination and renamed into place (a crash leaves the previous checkpoint)."""
+    """Write model weights + optimizer tensors (safetensors) and `state` (JSON) to `directory`.
+
+    The weights go to a file named after the step, then the JSON that names them is renamed into place: that
+    rename is the commit. A crash at any point leaves the previous pair whole (the previous weights file is
+    removed only after the new JSON is in place)."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     tensors = {f'model.{k}': v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     tensors.update(opt_tensors)
     tensors['meta.step'] = torch.tensor(int(state['step']))  # pairs the weights with their JSON
-    meta = {'format': CKPT_FORMAT, **state, 'optimizer': opt_meta}
-    wtmp, stmp = (os.path.join(directory, f'.{n}.tmp') for n in (CKPT_WEIGHTS, CKPT_STATE))
+    weights = f'checkpoint-{int(state["step"]):08d}.safetensors'
+    meta = {'format': CKPT_FORMAT, **state, 'weights': weights, 'optimizer': opt_meta}
+    wtmp, stmp = (os.path.join(directory, f'.{n}.tmp') for n in (weights, CKPT_STATE))
     save_file(tensors, wtmp)
+    _fsync(wtmp)
+    os.replace(wtmp, os.path.join(directory, weights))
     with open(stmp, 'w') as f:
         json.dump(meta, f, indent=1)
-    # weights first, then the JSON that points at them: a crash in between is caught by the step check
-    os.replace(wtmp, os.path.join(directory, CKPT_WEIGHTS))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(stmp, os.path.join(directory, CKPT_STATE))
+    _fsync(directory)
+    for name in os.listdir(directory):  # the weights no JSON names any more
+        if name != weights and (name == CKPT_WEIGHTS or (name.startswith('checkpoint-') and name.endswith('.safetensors'))):
+            os.remove(os.path.join(directory, name))
 
 
 def load_checkpoint(directory: str, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Restore a checkpoint written by save_checkpoint into `model` and `opt`; returns its JSON state."""
     from safetensors.torch import load_file
-    spath, wpath = os.path.join(directory, CKPT_STATE), os.path.join(directory, CKPT_WEIGHTS)
-    for p in (spath, wpath):
-        if not os.path.isfile(p):
-            raise CheckpointError(f'{p} not found: {directory} holds no fine-tuning checkpoint')
+    spath = os.path.join(directory, CKPT_STATE)
+    if not os.path.isfile(spath):
+        raise CheckpointError(f'{spath} not found: {directory} holds no fine-tuning checkpoint')
     meta = read_format_json(spath, CKPT_FORMAT, 'checkpoint', CheckpointError)
+    wpath = os.path.join(directory, os.path.basename(str(meta.get('weights', CKPT_WEIGHTS))))
+    if not os.path.isfile(wpath):
+        raise CheckpointError(f'{wpath} not found: {spath} names weights that are not there')
     tensors = load_file(wpath)
     if int(tensors.get('meta.step', torch.tensor(-1)).item()) != meta.get('step'):
         raise CheckpointError(f'{wpath} and {spath} are from different steps (interrupted write?)')
@@ -337,7 +357,7 @@ def finetune(student: nn.Module, teacher: nn.Module, x_train: torch.Tensor, y_tr
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler('cuda', enabled=use_amp and amp_dtype == torch.float16)
 
-    step, history = 0, []
+    step, history, partial = 0, [], {}
     run_cfg = asdict(cfg)
     if resume and os.path.isfile(os.path.join(checkpoint_dir, CKPT_STATE)):
         meta = load_checkpoint(checkpoint_dir, student, opt)
@@ -347,6 +367,7 @@ def finetune(student: nn.Module, teacher: nn.Module, x_train: torch.Tensor, y_tr
             raise CheckpointError(f'{checkpoint_dir}: the checkpoint was made with {saved} on {meta.get("n_train")} '
                                   f'images; this run has {now} on {len(data)} images')
         step, history = meta['step'], meta.get('history', [])
+        partial = meta.get('partial_epoch') or {}
         if meta.get('scaler'):
             scaler.load_state_dict(meta['scaler'])
         log(f'resumed from {checkpoint_dir} at step {step}/{total}')
@@ -356,20 +377,29 @@ def finetune(student: nn.Module, teacher: nn.Module, x_train: torch.Tensor, y_tr
         model = DDP(student, device_ids=[device.index] if device.type == 'cuda' else None)
 
     def checkpoint():
+        # the epoch's loss so far (summed over the ranks), so that a resumed epoch reports the whole epoch's mean
+        total_loss = loss_sum.clone()
+        if world > 1:
+            dist.all_reduce(total_loss)
         state = {'step': step, 'epoch': step // steps_per_epoch, 'steps_per_epoch': steps_per_epoch,
                  'total_steps': total, 'config': run_cfg, 'seed': cfg.seed, 'n_train': len(data),
-                 'history': history, 'scaler': scaler.state_dict() if scaler.is_enabled() else None}
+                 'history': history, 'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+                 'partial_epoch': {'loss_sum': float(total_loss), 'steps': n_loss,
+                                   'seconds': time.perf_counter() - t_epoch}}
 
         _on_rank0(lambda: save_checkpoint(checkpoint_dir, student, opt, state),
                   f'write a checkpoint to {checkpoint_dir}', device)
 
     t_start = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
-    n_loss = 0
+    # a resumed epoch starts from its checkpointed loss sum (all ranks' sum, counted once: on rank 0)
+    loss_sum = torch.full((), partial.get('loss_sum', 0.0) if rank == 0 else 0.0, device=device)
+    n_loss = partial.get('steps', 0)
+    t_epoch = time.perf_counter() - partial.get('seconds', 0.0)
     while step < total and (stop_after is None or step < stop_after):
         epoch, skip = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
-        t_epoch = time.perf_counter()
+        if skip == 0:
+            t_epoch = time.perf_counter()
         for i, (xb, yb) in enumerate(loader):
             if i < skip:  # resuming mid-epoch: the same permutation, its first batches already done
                 continue

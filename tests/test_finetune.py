@@ -82,7 +82,8 @@ def test_finetune_improves_and_writes_loadable_model(task, tmp_path):
 def test_resume_equals_uninterrupted(task, tmp_path):
     teacher, student, x, y = task
     cfg = FinetuneConfig(epochs=2, batch_size=16, lr=1e-3, checkpoint_every=2)
-    full = finetune(copy.deepcopy(student), teacher, x, y, cfg, log=None).model
+    full_run = finetune(copy.deepcopy(student), teacher, x, y, cfg, log=None)
+    full = full_run.model
     part = finetune(copy.deepcopy(student), teacher, x, y, cfg, checkpoint_dir=str(tmp_path / 'ck'), stop_after=5,
                     log=None)
     assert part.steps == 5 and part.out is None
@@ -95,6 +96,32 @@ def test_resume_equals_uninterrupted(task, tmp_path):
     assert res.steps == 8
     assert _max_diff(res.model, full) == 0
     assert _max_diff(snp_fast.load_pruned(str(tmp_path / 'out')), full) == 0
+    # the epoch the run stopped in reports its whole mean loss, not only the steps after the resume
+    assert [h['loss'] for h in res.history] == [h['loss'] for h in full_run.history]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(task, tmp_path, monkeypatch):
+    """A crash between writing the new weights and committing their JSON leaves the previous checkpoint
+    usable (before, the new weights replaced the old ones first and resume failed on a step mismatch)."""
+    teacher, student, x, y = task
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=1e-3, checkpoint_every=2)
+    ck = str(tmp_path / 'ck')
+    finetune(copy.deepcopy(student), teacher, x, y, cfg, checkpoint_dir=ck, stop_after=2, log=None)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the next checkpoint's JSON never lands
+        if dst.endswith('checkpoint.json'):
+            raise OSError('power cut')
+        real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', replace)
+    with pytest.raises(OSError, match='power cut'):
+        finetune(copy.deepcopy(student), teacher, x, y, cfg, checkpoint_dir=ck, resume=True, stop_after=4, log=None)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / 'ck' / 'checkpoint.json').read_text())['step'] == 2
+    res = finetune(copy.deepcopy(student), teacher, x, y, cfg, checkpoint_dir=ck, resume=True, log=None)
+    full = finetune(copy.deepcopy(student), teacher, x, y, cfg, log=None).model
+    assert res.steps == 8 and _max_diff(res.model, full) == 0
+    assert sorted(os.listdir(ck)) == ['checkpoint-00000008.safetensors', 'checkpoint.json']
 
 
 def test_resume_refuses_other_settings(task, tmp_path):
