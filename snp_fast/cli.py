@@ -15,8 +15,8 @@ A failed command leaves no output directory or file behind.
 import argparse
 import json
 import os
-import shutil
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
@@ -218,7 +218,7 @@ def _is_efficientformer(model) -> bool:
 
 def _create_model(name: str, kwargs: dict, pretrained: bool = False, device='meta'):
     import timm
-    if os.path.sep in name or os.path.exists(name):
+    if not timm.is_model(name) and (os.path.sep in name or os.path.exists(name)):
         raise UsageError(f'MODEL {name!r} is a path, not a timm model name')
     if not timm.is_model(name):
         close = timm.list_models(f'*{name.split("_")[0]}*')[:8]
@@ -227,8 +227,8 @@ def _create_model(name: str, kwargs: dict, pretrained: bool = False, device='met
         return _create_pretrained(name, kwargs)
     try:
         model = timm.create_model(name, pretrained=False, device=device, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise UsageError(f'timm cannot build {name!r} with --model-kwargs {kwargs}: {e}') from None
+    except Exception as e:  # noqa: BLE001 -- whatever timm raises for these kwargs (ZeroDivisionError included)
+        raise UsageError(f'timm cannot build {name!r} with --model-kwargs {kwargs}: {type(e).__name__}: {e}') from None
     check_supported(model)
     return model
 
@@ -345,7 +345,10 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
         if args.preset not in list_presets():
             raise UsageError(f'--preset {args.preset!r} is not a preset; available: {", ".join(list_presets())}')
         spec, where = args.preset, f'--preset {args.preset}'
-        made_for = load_preset(args.preset).get('model')
+        preset = load_preset(args.preset)
+        if preset.get('family', 'vit') != 'vit':
+            raise UsageError(f'--preset {args.preset} is for the {preset["family"]} family, not this ViT-family model')
+        made_for = preset.get('model')
         arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
         if made_for and arch and made_for != arch:
             _log(f'warning: --preset {args.preset} was made for {made_for}, not {arch}')
@@ -447,6 +450,17 @@ class _BlockProgress:
         self.bar.close()
 
 
+def _check_parent(path: str, flag: str) -> None:
+    """Before any work: the nearest existing folder above `path` must be a writable folder."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f'{flag} {path}: {parent} is a file, not a folder')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f'{flag} {path}: {parent} is not writable')
+
+
 def _dir_is_free(path: str) -> bool:
     return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
 
@@ -455,12 +469,12 @@ def _dir_is_free(path: str) -> bool:
 # prune
 
 def cmd_prune(args) -> int:
-    import torch
     import snp_fast
     from .calib import load_calib
     out = os.path.abspath(args.out or f'{args.model}_snp')
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f'--out {out}: exists and is not a directory')
+    _check_parent(out, '--out')
     if not _dir_is_free(out) and not args.overwrite:
         raise UsageError(f'--out {out}: exists and is not empty (pass --overwrite to replace it)')
     if args.num_calib < 1:
@@ -480,6 +494,9 @@ def cmd_prune(args) -> int:
     meta = _create_model(args.model, kwargs, device='meta')  # cheap: fail fast on bad names/ratios/targets
     if args.plot and _is_efficientformer(meta):
         raise UsageError('--plot draws ViT CLS attention maps; it is not available for EfficientFormer')
+    if args.plot and any(type(b.attn).__name__ != 'Attention' for b in meta.blocks):
+        raise UsageError(f'--plot reads q and k from timm\'s plain Attention; {args.model} has '
+                         f'{type(meta.blocks[0].attn).__name__} (RoPE / fused variants are not drawn)')
     ratios, preset, alloc = _ratio_spec(args, meta)
     if alloc is not None:
         _log(alloc.describe())
@@ -530,16 +547,8 @@ def cmd_prune(args) -> int:
              'calibration': info.to_dict(), 'allocation': alloc.to_dict() if alloc else None,
              'preset': preset, 'round_to': args.round_to, 'device': str(device),
              'times': {'load_model': t_load, 'load_calibration': t_calib, 'plot': t_plot}}
-    created = not os.path.exists(out)
-    snp_fast.save_pruned(pruned.cpu(), out, overwrite=args.overwrite, report=_ReportWithExtras(report, extra))
-    try:
-        if png is not None:
-            with open(os.path.join(out, 'attention.png'), 'wb') as f:
-                f.write(png)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    snp_fast.save_pruned(pruned.cpu(), out, overwrite=args.overwrite, report=_ReportWithExtras(report, extra),
+                         files={'attention.png': png} if png is not None else None)
 
     print(f'{args.model} ({weights}), {info.loaded} calibration images, '
           + (f'preset {preset}' if preset else alloc.describe() if alloc else f'ratios from {args.ratios}')
@@ -563,6 +572,21 @@ def _random_init_(model) -> None:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _init_buffers_(pruned, original) -> None:
+    """to_empty() leaves buffers uninitialised: index tables (EfficientFormer's attention_bias_idxs) come from
+    the original where the shapes agree, BatchNorm statistics start at (0, 1)."""
+    import torch
+    orig = dict(original.named_buffers())
+    with torch.no_grad():
+        for name, b in pruned.named_buffers():
+            if name in orig and orig[name].shape == b.shape:
+                b.copy_(orig[name])
+            elif name.endswith('running_var'):
+                b.fill_(1)
+            else:
+                b.zero_()
 
 
 def _load_dir_pair(directory: str, device):
@@ -601,6 +625,10 @@ def cmd_bench(args) -> int:
         if args.threads < 1:
             raise UsageError(f'--threads must be >= 1, got {args.threads}')
         torch.set_num_threads(args.threads)
+    if args.json:
+        if os.path.isdir(args.json):
+            raise UsageError(f'--json {args.json}: is a directory')
+        _check_parent(args.json, '--json')
     device = _resolve_device(args.device)
     has_spec = any((args.preset, args.ratios, args.flops, args.params))
     if os.path.isdir(args.target):
@@ -621,10 +649,17 @@ def cmd_bench(args) -> int:
             ratios, preset, alloc = _ratio_spec(args, original)
             if alloc is not None:
                 _log(alloc.describe())
-            from .ratios import resolve_ratios, target_dims
-            dims = target_dims(vit.model_dims(original), resolve_ratios(ratios, len(original.blocks)), [])
-            pruned = vit.apply_dims(meta_copy(original), dims).to_empty(device=device)
+            if _is_efficientformer(original):
+                from .models import efficientformer as family
+                orig = family.model_dims(original)
+                dims = family.target_dims(orig, family.resolve_ratios(ratios, orig), [])
+            else:
+                from .ratios import resolve_ratios, target_dims
+                family = vit
+                dims = target_dims(vit.model_dims(original), resolve_ratios(ratios, len(original.blocks)), [])
+            pruned = family.apply_dims(meta_copy(original), dims).to_empty(device=device)
             _random_init_(pruned)
+            _init_buffers_(pruned, original)
             pruned = pruned.eval()
             what += ', pruned architecture ' + (f'preset {preset}' if preset else f'--flops {args.flops}' if args.flops
                                                 else f'--params {args.params}' if args.params else f'ratios {args.ratios}')
@@ -638,9 +673,10 @@ def cmd_bench(args) -> int:
     print(f'{what}: MACs {macs_o / 1e9:.3f}G' + (f' -> {macs_p / 1e9:.3f}G' if macs_p else ''))
     print(bench.format_table(rows, macs_o / macs_p if macs_p else None))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'target': args.target, 'macs_original': macs_o, 'macs_pruned': macs_p,
-                       'threads': torch.get_num_threads(), 'repeats': args.repeats, 'rows': rows}, f, indent=1)
+        from .io import write_atomic
+        write_atomic(args.json, json.dumps({'target': args.target, 'macs_original': macs_o, 'macs_pruned': macs_p,
+                                            'threads': torch.get_num_threads(), 'repeats': args.repeats,
+                                            'rows': rows}, indent=1).encode())
     return EXIT_OK
 
 
@@ -659,22 +695,29 @@ def cmd_export(args) -> int:
         raise UsageError(f'--onnx {args.onnx}: is a directory')
     if os.path.exists(out) and not args.overwrite:
         raise UsageError(f'--onnx {args.onnx}: exists (pass --overwrite to replace it)')
+    if not args.tol >= 0:
+        raise UsageError(f'--tol must be a number >= 0, got {args.tol}')
+    _check_parent(out, '--onnx')
     model = snp_fast.load_pruned(args.dir)
-    t0 = time.perf_counter()
-    export_onnx(model, out, opset=args.opset)
-    t_export = time.perf_counter() - t0
+    # exported and checked beside the destination, then renamed over it: a failed check leaves what was there
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.snp_fast_', suffix='.onnx', dir=os.path.dirname(out))
+    os.close(fd)
     try:
-        diff = check_onnx(model, out)
-    except BaseException:
-        os.remove(out)
-        raise
-    size = os.path.getsize(out)
-    print(f'exported {args.dir} -> {out} ({size / 1e6:.2f} MB, opset {args.opset}, dynamic batch) in {t_export:.1f}s')
-    print(f'ONNX Runtime vs PyTorch on a random input: max abs diff {diff:.3g} (tolerance {args.tol:g})')
-    if not diff <= args.tol:
-        os.remove(out)
-        _log(f'error: ONNX check failed (max abs diff {diff:.3g} > {args.tol:g}); removed {out}')
-        return EXIT_ERROR
+        t0 = time.perf_counter()
+        export_onnx(model, tmp, opset=args.opset)
+        t_export = time.perf_counter() - t0
+        diff = check_onnx(model, tmp)
+        print(f'ONNX Runtime vs PyTorch on a random input: max abs diff {diff:.3g} (tolerance {args.tol:g})')
+        if not diff <= args.tol:
+            _log(f'error: ONNX check failed (max abs diff {diff:.3g} > {args.tol:g}); {out} not written')
+            return EXIT_ERROR
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f'exported {args.dir} -> {out} ({os.path.getsize(out) / 1e6:.2f} MB, opset {args.opset}, dynamic batch) '
+          f'in {t_export:.1f}s')
     return EXIT_OK
 
 
@@ -754,6 +797,8 @@ def cmd_inspect(args) -> int:
         try:
             with open(rpath) as f:
                 rep = json.load(f)
+            if not isinstance(rep, dict):
+                raise ValueError(f'a JSON {type(rep).__name__}, not an object')
             times = rep.get('times') or {}
             print('prune time: ' + ', '.join(f'{k} {v:.2f}s' for k, v in times.items() if v) +
                   f'; total {sum(times.values()):.2f}s')
@@ -814,6 +859,8 @@ def cmd_finetune(args) -> int:
         raise UsageError(f'--{str(e).replace("_", "-")}') from None
 
     recipe = load_recipe(args.dir)
+    if recipe.get('family', 'vit') != 'vit':
+        raise UsageError(f'DIR {args.dir} holds a pruned {recipe["family"]} model; finetune takes the ViT family only')
     x_tr, y_tr, x_val, y_val, shipped = _task_data(args.data)
     if args.limit_train:
         x_tr, y_tr = x_tr[:args.limit_train], y_tr[:args.limit_train]
@@ -874,10 +921,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.formatwarning = lambda message, category, *a, **k: f'warning: {message}\n'  # one line each
     try:
         return args.func(args)
+    except BrokenPipeError:  # e.g. `snp-fast inspect DIR | head`: the reader left; nothing more to say
+        sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 -- so that the interpreter's final flush does not raise
+        return EXIT_OK
     except (UsageError, CalibError, RecipeError, UnsupportedModelError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, ValueError) as e:
+            NotADirectoryError, IsADirectoryError, PermissionError, ValueError) as e:
         _log(f'snp-fast {args.command}: error: {e}')
         return EXIT_USAGE
+    except OSError as e:  # disk full and the like: said plainly, no traceback
+        _log(f'snp-fast {args.command}: error: {e}')
+        return EXIT_ERROR
     except KeyboardInterrupt:
         _log('interrupted')
         return 130

@@ -44,6 +44,8 @@ def export_onnx(model: nn.Module, path: str, example: Optional[torch.Tensor] = N
                 model, (example,), tmp, dynamo=False, opset_version=opset, input_names=['image'],
                 output_names=['logits'], do_constant_folding=True,
                 dynamic_axes={'image': {0: 'batch'}, 'logits': {0: 'batch'}} if dynamic_batch else None)
+        from .io import _umask
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -114,8 +114,32 @@ def _build_skeleton(recipe: dict) -> nn.Module:
     return model
 
 
-def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, report=None) -> str:
-    """Write a model returned by snp_fast.prune() to `directory` (weights + recipe [+ report.json]).
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it and a rename: never half-written."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.snp_fast_', dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, report=None,
+                files: Optional[Dict[str, bytes]] = None) -> str:
+    """Write a model returned by snp_fast.prune() to `directory` (weights + recipe [+ report.json] [+ `files`,
+    name -> bytes, e.g. a plot]).
 
     The directory is written next to its destination and renamed into place, so a failure leaves
     nothing half-written. An existing non-empty directory is an error unless overwrite=True.
@@ -143,6 +167,16 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
         if report is not None:
             with open(os.path.join(tmp, 'report.json'), 'w') as f:
                 json.dump(report.to_dict(), f, indent=1, default=str)
+        for name, data in (files or {}).items():
+            if os.path.basename(name) != name or name in (WEIGHTS, RECIPE, 'report.json'):
+                raise ValueError(f'save_pruned: extra file name {name!r} must be a plain name other than the model files')
+            with open(os.path.join(tmp, name), 'wb') as f:
+                f.write(data)
+        # mkdtemp's 0700 (and safetensors' 0600 files) would hide the saved model from other users
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         if os.path.exists(directory):  # keep the old directory until the new one is in place
             old = tempfile.mkdtemp(prefix='.snp_fast_old_', dir=parent)
             os.replace(directory, os.path.join(old, 'd'))

@@ -76,10 +76,14 @@ def resolve_ratios(spec: RatioSpec, depth: int) -> Dict:
         if stray:
             raise ValueError(f'ratios has both "blocks" and {sorted(stray)}; give per-block ratios inside "blocks"')
         blocks = spec['blocks']
+        if not isinstance(blocks, (list, tuple)):
+            raise ValueError(f'ratios "blocks" must be a list of one dict per block, got {type(blocks).__name__}')
         if len(blocks) != depth:
             raise ValueError(f'ratios give {len(blocks)} blocks but the model has {depth}')
         out = []
         for i, b in enumerate(blocks):
+            if not isinstance(b, dict):
+                raise ValueError(f'ratios blocks[{i}] must be a dict with keys {list(_KEYS)}, got {b!r}')
             unknown = set(b) - set(_KEYS)
             if unknown:
                 raise ValueError(f'ratios blocks[{i}] has unknown keys {sorted(unknown)}; expected {list(_KEYS)}')

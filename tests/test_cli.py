@@ -238,7 +238,8 @@ def test_bad_input_subprocess(work):
 @pytest.mark.parametrize('case', ['no_target', 'missing_ckpt', 'bad_ckpt', 'wrong_ckpt', 'empty_calib', 'no_calib_dir',
                                   'bad_ratios', 'ratios_json', 'unknown_preset', 'preset_depth', 'unreachable',
                                   'bad_flops', 'unknown_model', 'unsupported', 'out_exists', 'bad_kwargs',
-                                  'round_to'])
+                                  'round_to', 'blocks_not_dicts', 'blocks_not_list', 'kwargs_zero_patch',
+                                  'out_under_file', 'preset_family', 'plot_rope'])
 def test_prune_bad_input(case, work, capsys, tmp_path):
     base = ['prune', TINY_NAME, '--model-kwargs', TINY_KW, '--quiet', '--num-calib', 2]
     out = tmp_path / 'out'
@@ -269,6 +270,15 @@ def test_prune_bad_input(case, work, capsys, tmp_path):
         'bad_kwargs': (['prune', TINY_NAME, '--model-kwargs', '{"img_size": ', '--flops', '1M', '--out', out],
                        '--model-kwargs'),
         'round_to': (base + ['--flops', '1M', '--round-to', 0, '--out', out], '--round-to'),
+        'blocks_not_dicts': (base + ['--ratios', '{"blocks": [0.5, 0.5]}', '--out', out], 'blocks[0] must be a dict'),
+        'blocks_not_list': (base + ['--ratios', '{"blocks": 0.5}', '--out', out], 'must be a list'),
+        'kwargs_zero_patch': (['prune', TINY_NAME, '--model-kwargs', '{"patch_size": 0}', '--flops', '1M',
+                               '--out', out], '--model-kwargs'),
+        'out_under_file': (base + ['--flops', '1M', '--out', tmp_path / 'r.json' / 'sub'], 'is a file, not a folder'),
+        'preset_family': (base + ['--preset', 'efficientformer_l1_0p6G', '--out', out], 'efficientformer family'),
+        'plot_rope': (['prune', 'vit_small_patch16_rope_mixed_ape_224', '--model-kwargs',
+                       '{"depth": 2, "img_size": 32, "patch_size": 8}', '--ratios', '{"v": 0.5}', '--plot', '--quiet',
+                       '--num-calib', 2, '--out', out], '--plot'),
     }[case]
     rc, text = main_rc(capsys, *args)
     assert rc == 2, text
@@ -292,10 +302,66 @@ def test_pretrained_offline(capsys, tmp_path):
     (['bench', TINY_NAME, '--batch', '1,x'], '--batch'),
     (['bench', '{tmp}/nope/dir'], 'MODEL_OR_DIR'),
     (['export', '{tmp}'], '--onnx'),
+    (['bench', TINY_NAME, '--json', '{tmp}'], '--json'),
+    (['bench', TINY_NAME, '--json', '{tmp}/f.txt/x.json'], '--json'),
 ])
 def test_other_bad_input(args, expect, capsys, tmp_path):
+    (tmp_path / 'f.txt').write_text('a file')
     rc, text = main_rc(capsys, *[a.format(tmp=tmp_path) for a in args])
     assert rc == 2 and expect in text, text
+
+
+def test_export_failed_check_keeps_the_existing_file(flops_run, work, capsys):
+    """--overwrite with a check that fails: the file that was there stays, no temporary file is left."""
+    _, out, _ = flops_run
+    d = work / 'keep'
+    d.mkdir(exist_ok=True)
+    (d / 'm.onnx').write_bytes(b'the previous export')
+    rc, text = main_rc(capsys, 'export', out, '--onnx', d / 'm.onnx', '--overwrite', '--tol', '1e-30')
+    assert rc == 1 and 'ONNX check failed' in text, text
+    assert (d / 'm.onnx').read_bytes() == b'the previous export' and sorted(os.listdir(d)) == ['m.onnx']
+    rc, text = main_rc(capsys, 'export', out, '--onnx', d / 'm.onnx', '--overwrite', '--tol', 'nan')
+    assert rc == 2 and '--tol' in text, text
+
+
+def test_outputs_follow_the_umask(flops_run, work, capsys):
+    """Saved models and exports are readable by others under a 022 umask (mkdtemp / mkstemp give 0700 / 0600)."""
+    _, out, _ = flops_run
+    old = os.umask(0o022)
+    try:
+        pruned = snp_fast.load_pruned(str(out))
+        d = snp_fast.save_pruned(pruned, str(work / 'perm' / 'm'), files={'note.txt': b'x'})
+        rc, text = main_rc(capsys, 'export', out, '--onnx', work / 'perm' / 'm.onnx')
+        assert rc == 0, text
+    finally:
+        os.umask(old)
+    assert os.stat(d).st_mode & 0o777 == 0o755
+    for f in ('model.safetensors', 'recipe.json', 'note.txt'):
+        assert os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o644, f
+    assert os.stat(work / 'perm' / 'm.onnx').st_mode & 0o777 == 0o644
+
+
+def test_model_name_beside_a_folder_of_that_name(work, capsys, monkeypatch, tmp_path):
+    """A folder in the working directory named like the model does not hide the timm name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / TINY_NAME).mkdir()
+    rc, text = main_rc(capsys, 'prune', TINY_NAME, '--model-kwargs', TINY_KW, '--ratios', '{"mlp": 0.5}', '--quiet',
+                       '--num-calib', 2, '--out', tmp_path / 'o')
+    assert rc == 0, text
+
+
+def test_bench_efficientformer_preset(capsys):
+    rc, text = main_rc(capsys, 'bench', 'efficientformer_l1', '--preset', 'efficientformer_l1_0p6G', '--batch', '1',
+                       '--repeats', 1, '--warmup', 0, '--quiet')
+    assert rc == 0, text
+    assert '-> 0.599G' in text, text
+
+
+def test_inspect_piped_into_head(flops_run):
+    _, out, _ = flops_run
+    r = subprocess.run(f'{sys.executable} -m snp_fast inspect {out} | head -1', shell=True, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONWARNINGS='ignore'))
+    assert r.stdout.strip() and 'Traceback' not in r.stderr and 'BrokenPipe' not in r.stderr, r.stderr
 
 
 def test_help_and_version():
@@ -398,7 +464,7 @@ def test_finetune_stop_and_resume(digits_pruned, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('case', ['no_dir', 'out_exists', 'no_checkpoint', 'bad_alpha', 'wrong_teacher',
-                                  'teacher_without_weights', 'bad_data'])
+                                  'teacher_without_weights', 'bad_data', 'lr_inf', 'weight_decay_nan'])
 def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'x').write_text('x')
@@ -413,6 +479,9 @@ def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
         'teacher_without_weights': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--teacher',
                                      TINY_NAME], '--teacher-weights'),
         'bad_data': (['finetune', d, '--data', 'imagenet'], '--data'),
+        'lr_inf': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--lr', 'inf'], '--lr'),
+        'weight_decay_nan': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--weight-decay', 'nan'],
+                             '--weight-decay'),
     }[case]
     rc, text = main_rc(capsys, *args)
     assert rc == 2 and expect in text, text
