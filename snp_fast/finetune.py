@@ -14,9 +14,10 @@ so a W-process run follows the same trajectory as a 1-process run (to float roun
 Only rank 0 writes files; every write is followed by a collective that tells all ranks whether it worked,
 so a failed write raises on every rank instead of leaving the others waiting.
 
-Checkpoints (no pickle): CKPT/checkpoint.safetensors holds the student's weights ("model.*") and the
-optimizer state tensors flattened ("optim.<param index>.<key>"); CKPT/checkpoint.json the step, epoch,
-config, seed, AdamW param-group settings and GradScaler scalars. The data order is a function of
+Checkpoints (no pickle): CKPT/checkpoint-<step>.safetensors holds the student's weights ("model.*") and the
+optimizer state tensors flattened ("optim.<param index>.<key>"); CKPT/checkpoint.json names that file and
+holds the step, epoch, config, seed, AdamW param-group settings, GradScaler scalars and the loss of the
+epoch so far; its rename is what commits a checkpoint. The data order is a function of
 (seed, epoch) and the learning rate a function of the step, so resuming from a checkpoint gives the same
 final weights as an uninterrupted run (tested). The final model is written with snp_fast.save_pruned
 (load_pruned reads it), its recipe extended with a "finetune" entry.

@@ -147,6 +147,8 @@ def test_prune_and_inspect_efficientformer(work):
     r = run_cli('inspect', out)
     assert r.returncode == 0, r.stderr
     assert 'stage widths [48, 96, 224, 448] -> [36, 72, 168, 336]' in r.stdout
+    r = run_cli('finetune', out, '--data', 'digits', '--out', work / 'ft_ef')
+    assert r.returncode == 2 and 'ViT family only' in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize('flags, message', [
