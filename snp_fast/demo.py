@@ -85,15 +85,16 @@ FACES_VIT = dict(img_size=24, patch_size=4, in_chans=1, num_classes=2, embed_dim
 
 
 def faces_data(n_test: int = 50, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """skimage.data.lfw_subset() as (x_train, y_train, x_test, y_test): images (N, 1, 25, 25), standardised;
-    label 1 = face (the first 100 images), 0 = non-face. The split is stratified (n_test/2 of each)."""
+    """skimage.data.lfw_subset() as (x_train, y_train, x_test, y_test): images (N, 1, 25, 25), standardised
+    with the training split's mean and std; label 1 = face (the first 100 images), 0 = non-face. The split is
+    stratified (n_test/2 of each)."""
     from skimage.data import lfw_subset
     x = torch.tensor(lfw_subset(), dtype=torch.float32).unsqueeze(1)
-    x = (x - x.mean()) / x.std()
     y = (torch.arange(len(x)) < 100).long()
     g = torch.Generator().manual_seed(seed)
     test = torch.cat([torch.randperm(100, generator=g)[:n_test // 2], 100 + torch.randperm(100, generator=g)[:n_test // 2]])
     train = torch.tensor(sorted(set(range(len(x))) - set(test.tolist())))
+    x = (x - x[train].mean()) / x[train].std()
     return x[train], y[train], x[test], y[test]
 
 
