@@ -194,11 +194,11 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
 
 
 def structure_digest(recipe: dict) -> str:
-    """A hash of what fixes a pruned model's structure (architecture, widths, kept indices), written into the
-    weights file's metadata: a recipe.json from another save is caught on load even where the tensor shapes
-    agree (e.g. 3 heads of 32 dims against 2 heads of 48)."""
+    """A hash of the pruned structure (widths before and after, kept indices), written into the weights file's
+    metadata: a recipe.json from another save is caught on load even where the tensor shapes agree (e.g. 3
+    heads of 32 dims against 2 heads of 48). The timm kwargs stay editable (e.g. dynamic_img_size)."""
     import hashlib
-    keys = ('family', 'timm_name', 'timm_kwargs', 'dims_before', 'dims_after', 'selection')
+    keys = ('family', 'dims_before', 'dims_after', 'selection')
     text = json.dumps({k: recipe.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -288,7 +288,7 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
             state[k] = t
     if saved is not None and saved != structure_digest(recipe):  # the shapes agree, yet the structure differs
         raise RecipeError(f'{wpath} was not saved with {directory}/{RECIPE}: the recipe describes another '
-                          'pruned structure (architecture, widths or kept indices)')
+                          'pruned structure (widths or kept indices)')
     model.load_state_dict(state, strict=True, assign=True)
     _init_computed_buffers(model, device)
     model.snp_recipe = recipe
