@@ -41,6 +41,9 @@ import os, sys, torch, snp_fast, snp_fast._C
 assert snp_fast.__file__.startswith(sys.prefix), snp_fast.__file__
 from snp_fast import ops
 assert 'cpu' in ops.available_backends('gather_slices', 'cpu')
+assert len(snp_fast.list_presets()) >= 7, snp_fast.list_presets()  # the package data travels with the wheel
+from snp_fast.demo import load_digits_vit, load_faces_vit
+load_digits_vit(), load_faces_vit()
 print('wheel ok:', os.path.relpath(snp_fast._C.__file__, sys.prefix), 'presets:', len(snp_fast.list_presets()))
 PYEOF
 )
