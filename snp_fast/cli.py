@@ -15,6 +15,7 @@ A failed command leaves no output directory or file behind.
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -700,6 +701,10 @@ def cmd_export(args) -> int:
     _check_parent(out, '--onnx')
     model = snp_fast.load_pruned(args.dir)
     # exported and checked beside the destination, then renamed over it: a failed check leaves what was there
+    made = os.path.dirname(out)  # the outermost folder this export creates, removed again if it fails
+    while not os.path.exists(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    made = None if os.path.exists(made) else made
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.snp_fast_', suffix='.onnx', dir=os.path.dirname(out))
     os.close(fd)
@@ -716,6 +721,8 @@ def cmd_export(args) -> int:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if made is not None and not os.path.exists(out):
+            shutil.rmtree(made, ignore_errors=True)
     print(f'exported {args.dir} -> {out} ({os.path.getsize(out) / 1e6:.2f} MB, opset {args.opset}, dynamic batch) '
           f'in {t_export:.1f}s')
     return EXIT_OK

@@ -115,6 +115,14 @@ def _build_skeleton(recipe: dict) -> nn.Module:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only set it)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -841,6 +841,8 @@ def _main(args) -> int:
     if args.cache and os.path.exists(args.cache):
         c = torch.load(args.cache, weights_only=False)
         t0 -= c.get('elapsed', 0.0)
+        if c.get('quick', args.quick) != args.quick:
+            print(f'note: --cache {args.cache} holds a {"--quick" if c["quick"] else "full"} run; rendering it as it is')
     else:
         model, pool, x_te, y_te = _digits()
         c = run_comparison(model, pool, x_te, y_te, quick=args.quick, n_calib=args.calib, log=log)

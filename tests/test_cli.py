@@ -322,6 +322,8 @@ def test_export_failed_check_keeps_the_existing_file(flops_run, work, capsys):
     rc, text = main_rc(capsys, 'export', out, '--onnx', d / 'm.onnx', '--overwrite', '--tol', '1e-30')
     assert rc == 1 and 'ONNX check failed' in text, text
     assert (d / 'm.onnx').read_bytes() == b'the previous export' and sorted(os.listdir(d)) == ['m.onnx']
+    rc, text = main_rc(capsys, 'export', out, '--onnx', d / 'new' / 'sub' / 'm.onnx', '--tol', '1e-30')
+    assert rc == 1 and not (d / 'new').exists(), text  # nor the folders it made for the file
     rc, text = main_rc(capsys, 'export', out, '--onnx', d / 'm.onnx', '--overwrite', '--tol', 'nan')
     assert rc == 2 and '--tol' in text, text
 
