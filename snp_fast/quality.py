@@ -853,15 +853,14 @@ def _main(args) -> int:
             c['kd'] = run_kd(model, pool[:args.calib], (x_tr[:n], y_tr[:n]), c, quick=args.quick,
                              kd=dict(epochs=1 if args.quick else args.kd_epochs), log=log)
         if not args.quick and not args.no_faces:
-            model, pool, x_te, y_te, train = _faces()
-            c['faces'] = run_comparison(model, pool, x_te, y_te, quick=False, n_calib=args.calib, log=log)
+            f_model, f_pool, f_x_te, f_y_te, f_train = _faces()
+            c['faces'] = run_comparison(f_model, f_pool, f_x_te, f_y_te, quick=False, n_calib=args.calib, log=log)
             if args.kd_epochs > 0:
-                c['faces']['kd'] = run_kd(model, pool[:args.calib], train, c['faces'], quick=False,
+                c['faces']['kd'] = run_kd(f_model, f_pool[:args.calib], f_train, c['faces'], quick=False,
                                           kd=dict(epochs=args.kd_epochs), log=log)
             c['faces']['methods'] = [m.name for m in c['faces']['methods']]
             c['faces']['ref'].attn = {0: c['faces']['ref'].attn[0][:1]}
-        if not args.quick:
-            model, pool, x_te, y_te = _digits()
+        if not args.quick:  # the digits model again (prune and KD leave the teacher as it was)
             c['heads'] = compare_head_criteria(model, pool[:args.calib], x_te, y_te, log=log)
         c['methods'] = [m.name for m in c['methods']]
         c['quick'] = args.quick

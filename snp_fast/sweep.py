@@ -231,9 +231,7 @@ def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: 
             with torch.no_grad():
                 y0 = model(calib)
             return model, kw, calib, y0
-        except SweepTimeout:
-            raise
-        except Exception as e:  # noqa: BLE001 -- timm rejected these kwargs: try the next, larger set
+        except Exception as e:  # noqa: BLE001 -- timm rejected these kwargs: try the next (SweepTimeout passes)
             errors.append(f'{kw}: {type(e).__name__}: {_short(e, 160)}')
     if too_big is not None:
         _refuse_on_meta(too_big[1], ratios)
