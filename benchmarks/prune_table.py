@@ -2,6 +2,7 @@
 
     python benchmarks/prune_table.py                              # vit_large_patch16_224, 16 images
     python benchmarks/prune_table.py --model deit_small_patch16_224 --images 64 --backends auto,reference
+    python benchmarks/prune_table.py --precisions fp32,bf16                 # bf16 products (see prune())
 
 Each configuration runs in its own subprocess so that its peak memory (max RSS) is its own. Models are
 random-init (no weights can be downloaded here): timing does not depend on the weights. Calibration
@@ -9,6 +10,7 @@ images are the real sample photos shipped with scikit-learn / scikit-image (and 
 crops, to reach --images). Writes benchmarks/results/prune_<model>_<device>.md.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -57,7 +59,8 @@ def run_one(cfg: dict) -> dict:
         fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
     pruned, report = snp_fast.prune(model, x, ratios=cfg['ratios'], refit=cfg['refit'], backend=cfg['backend'],
-                                    batch_size=cfg['batch'], refit_tokens=cfg.get('refit_tokens'))
+                                    batch_size=cfg['batch'], refit_tokens=cfg.get('refit_tokens'),
+                                    precision=cfg.get('precision', 'fp32'))
     total = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(cfg, forward_s=fwd, prune_s=total, phases=report.times, model_mb=model_mb,
@@ -73,36 +76,37 @@ def main(argv=None) -> int:
     ap.add_argument('--backends', default='auto')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--refit-tokens', type=int, default=None)
+    ap.add_argument('--precisions', default='fp32', help='comma-separated: fp32, bf16')
     ap.add_argument('--one', help=argparse.SUPPRESS)  # internal: run one JSON config, print the JSON result
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0
     rows = []
-    for backend in args.backends.split(','):
-        for refit in (False, True):
-            cfg = dict(model=args.model, images=args.images, batch=args.batch, ratios=args.ratio, refit=refit,
-                       backend=backend, device=args.device, refit_tokens=args.refit_tokens)
-            out = subprocess.run([sys.executable, __file__, '--one', json.dumps(cfg)], capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{backend:>9} refit={refit!s:5} forward {r['forward_s']:.2f}s  prune {r['prune_s']:.2f}s  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (model {r['model_mb']:.0f} MB)", flush=True)
+    for backend, precision, refit in itertools.product(args.backends.split(','), args.precisions.split(','),
+                                                       (False, True)):
+        cfg = dict(model=args.model, images=args.images, batch=args.batch, ratios=args.ratio, refit=refit,
+                   backend=backend, device=args.device, refit_tokens=args.refit_tokens, precision=precision)
+        out = subprocess.run([sys.executable, __file__, '--one', json.dumps(cfg)], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{backend:>9} {precision} refit={refit!s:5} forward {r['forward_s']:.2f}s  prune {r['prune_s']:.2f}s  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB (model {r['model_mb']:.0f} MB)", flush=True)
     phases = ['calibration', 'qk_scoring', 'redundancy', 'selection', 'slicing', 'refit', 'rebuild']
-    head = ('| backend | re-fit | plain forward (s) | ' + ' | '.join(phases)
+    head = ('| backend | precision | re-fit | plain forward (s) | ' + ' | '.join(phases)
             + ' | beyond calibration | total prune (s) | peak RSS / fp32 model |')
     lines = [f'### {args.model}, {args.images} calibration images, ratio {args.ratio} '
              f'({platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device})', '',
              'Each phase: seconds (ratio to the plain forward pass over the same images).', '', head,
-             '|' + '---|' * (len(phases) + 6)]
+             '|' + '---|' * (len(phases) + 7)]
     for r in rows:
         f = r['forward_s']
         beyond = sum(v for k, v in r['phases'].items() if k != 'calibration')
         cells = [f"{r['phases'].get(p, 0):.2f} ({r['phases'].get(p, 0) / f:.2f}x)" for p in phases]
-        lines.append(f"| {r['backend']} | {'on' if r['refit'] else 'off'} | {f:.2f} | " + ' | '.join(cells)
+        lines.append(f"| {r['backend']} | {r['precision']} | {'on' if r['refit'] else 'off'} | {f:.2f} | " + ' | '.join(cells)
                      + f" | {beyond:.2f} ({beyond / f:.2f}x) | {r['prune_s']:.2f} | "
                      f"{(r['peak_rss_mb'] - r['rss_before_mb'] + r['model_mb']) / r['model_mb']:.2f} |")
     table = '\n'.join(lines)

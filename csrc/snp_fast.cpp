@@ -20,9 +20,13 @@ TORCH_LIBRARY(snp_fast, m) {
   // The same, Grams on q's device and the d x d half on the host CPU (the CUDA implementation of qk_scores).
   m.def("qk_scores_hybrid(Tensor q, Tensor k, int gamma) -> Tensor");
   // Pairwise redundancy: omega_i = sum_l (1 - |cos(W_i, W_l)|) over the rows of a 2-D weight -> (n,) float32.
-  m.def("redundancy_scores(Tensor w) -> Tensor");
-  // Gram matrix x^T x of a (T, m) input, float32 (m, m).
-  m.def("gram(Tensor x) -> Tensor");
+  // bf16: of the rows rounded to bfloat16 (products exact, sums in float32: bf16 GEMMs where the CPU has them).
+  m.def("redundancy_scores(Tensor w, bool bf16=False) -> Tensor");
+  // Gram matrix x^T x of a (T, m) input, float32 (m, m); bf16: of x rounded to bfloat16, as above.
+  m.def("gram(Tensor x, bool bf16=False) -> Tensor");
+  // In place: a (n, n) float64 symmetric positive definite -> its Cholesky factor, b (m, n) float64 ->
+  // b a^-1; returns LAPACK's info (0, or k > 0: the leading k x k minor is not positive definite).
+  m.def("cholesky_solve_(Tensor(a!) a, Tensor(b!) b) -> int");
   // Apply (dim, kept-index) slices to many tensors in one call; idx_b may be None (one slice only).
   m.def("gather_slices(Tensor[] src, int[] dim_a, Tensor[] idx_a, int[] dim_b, Tensor?[] idx_b) -> Tensor[]");
 }
@@ -44,10 +48,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         found["ssyrk"] = name(blas::ssyrk() != nullptr, blas::ssyrk_found());
         found["dsyrk"] = name(blas::dsyrk() != nullptr, blas::dsyrk_found());
         found["dgemm"] = name(blas::dgemm() != nullptr, blas::dgemm_found());
+        found["dpotrf"] = name(blas::dpotrf() != nullptr, blas::dpotrf_found());
+        found["dpotrs"] = name(blas::dpotrs() != nullptr, blas::dpotrs_found());
+        found["gemm_bf16"] = name(blas::gemm_bf16() != nullptr, blas::gemm_bf16_found());
         return found;
       },
       pybind11::arg("enable") = true,
-      "The BLAS symbols of torch's own build the CPU kernels call, {'ssyrk', 'dsyrk', 'dgemm'} -> name "
+      "The BLAS symbols of torch's own build the CPU kernels call, {'ssyrk', 'dsyrk', 'dgemm', 'dpotrf', 'dpotrs', 'gemm_bf16'} "
+      "-> name "
       "('' = not found: ATen GEMMs or plain loops instead); enable=False switches them off (tests of the "
       "fallbacks).");
 }

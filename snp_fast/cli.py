@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help='cpu, cuda, cuda:1, ... (default: cuda if available)')
     p.add_argument('--backend', default='auto',
                    help='kernels to prefer: auto | reference | cpu | cuda | triton (each op on it where it has it)')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+                   help='precision of the redundancy cosines and re-fit Grams: fp32 (default, the pure-Python '
+                   "version's selection) or bf16 (faster on CPUs with AMX / AVX512-BF16; near-tied filters may swap)")
     p.add_argument('--batch-size', type=int, default=32, metavar='N', help='images per chunk while pruning')
     p.add_argument('--no-refit', action='store_true', help='skip the least-squares re-fit (SNP selection only)')
     p.add_argument('--plot', action='store_true',
@@ -527,7 +530,8 @@ def cmd_prune(args) -> int:
     prog = _BlockProgress(model, progress)
     try:
         pruned, report = snp_fast.prune(model, calib.to(device), ratios=ratios, refit=not args.no_refit,
-                                        backend=args.backend, batch_size=args.batch_size)
+                                        backend=args.backend, precision=args.precision,
+                                        batch_size=args.batch_size)
     finally:
         prog.close()
     if preset is not None:
@@ -797,7 +801,8 @@ def cmd_inspect(args) -> int:
     else:
         _inspect_vit(args.dir, recipe)
     s = recipe.get('settings') or {}
-    keys = ('preset', 'qk_criterion', 'v_criterion', 'mlp_criterion', 'embed_criterion', 'refit', 'calib_images', 'backend')
+    keys = ('preset', 'qk_criterion', 'v_criterion', 'mlp_criterion', 'embed_criterion', 'refit', 'calib_images', 'backend',
+            'precision')
     print('settings: ' + ', '.join(f'{k}={s[k]}' for k in keys if k in s))
     rpath = os.path.join(args.dir, 'report.json')
     if os.path.isfile(rpath):

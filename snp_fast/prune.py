@@ -317,6 +317,7 @@ def prune(
         refit_tokens: Optional[int] = None,
         batch_size: int = 32,
         backend: str = 'auto',
+        precision: str = 'fp32',
         timm_name: Optional[str] = None,
         timm_kwargs: Optional[dict] = None,
 ) -> Tuple[nn.Module, PruneReport]:
@@ -356,6 +357,10 @@ def prune(
             redundancy, Gram, slicing) takes this backend where it has one for the model's device and the
             fastest it has otherwise ("triton": the Triton kernels where they exist; "reference": the
             plain-PyTorch versions throughout). A backend with no kernel at all for that device is an error.
+        precision: "fp32" (default) or "bf16": the precision of the large products, the redundancy cosines and
+            the re-fit's Gram matrices. "bf16" rounds their inputs to bfloat16 (products summed in fp32; on a
+            CPU with AMX / AVX512-BF16 several times faster): neighbouring scores may swap, and the selection
+            can differ from the pure-Python version's, which "fp32" reproduces (ties aside).
         timm_name, timm_kwargs: how to rebuild the unpruned architecture with timm.create_model, for
             save_pruned/load_pruned (default: inferred from the model).
     """
@@ -370,6 +375,7 @@ def prune(
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     ops.check_backend(backend, next(model.parameters(), torch.empty(0)).device)
+    ops.check_precision(precision)
     if gamma is not None and gamma < 1:
         raise ValueError(f'gamma must be >= 1, got {gamma}')
     if refit not in (True, False, 'sequential', 'oneshot'):
@@ -411,7 +417,7 @@ def prune(
         raise ValueError(f'damp must be a finite number >= 0, got {damp!r}')
     timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
-    with eval_mode(model) as modes, ops.prefer(backend):  # every op: `backend` where it has it
+    with eval_mode(model) as modes, ops.prefer(backend), ops.precision(precision):  # every op: `backend` where it has it
         pruned, selection, refit_stats = _prune(
             model, calib, dims_before, dims_after, timer, qk_criterion=qk_criterion, v_criterion=v_criterion,
             mlp_criterion=mlp_criterion, embed_criterion=embed_criterion, head_criterion=head_criterion, gamma=gamma,
@@ -464,7 +470,8 @@ SETTING_KEYS = ('preset', 'qk_criterion', 'v_criterion', 'mlp_criterion', 'embed
 def run_settings(args: dict, spec: dict, calib: Optional[torch.Tensor]) -> dict:
     """The settings a recipe records, from prune()'s arguments."""
     return dict(ratios=spec, **{k: args[k] for k in SETTING_KEYS},
-                calib_images=0 if calib is None else calib.shape[0], backend=args['backend'])
+                calib_images=0 if calib is None else calib.shape[0], backend=args['backend'],
+                precision=args['precision'])
 
 
 def record(model, pruned, family: str, report_cls, timm_config, dims_before, dims_after, selection, settings: dict,

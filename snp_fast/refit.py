@@ -9,7 +9,7 @@ i.e. Wᵀ = (X_Sᵀ X_S + λI)⁻¹ (X_Sᵀ Y + λ W_Sᵀ), with W_S the sliced 
 towards 0) means that with nothing pruned the layer comes back unchanged, and that the calibration
 error can never exceed that of plain slicing (W_S is a feasible point of the same objective). The
 Gram matrix streams in over calibration batches (a symmetric rank-k update, ops.gram) in fp32; the
-solve runs in fp64 by Cholesky.
+solve runs in fp64 by Cholesky (LAPACK in place on the CPU: cholesky_solve_).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import ops
 
-__all__ = ['LinearFit', 'RefitStats', 'DEFAULT_DAMP']
+__all__ = ['LinearFit', 'RefitStats', 'DEFAULT_DAMP', 'cholesky_solve_']
 
 DEFAULT_DAMP = 1e-4
 
@@ -32,6 +32,22 @@ class RefitStats:
 
     def to_dict(self) -> dict:
         return {'tokens': self.tokens, 'err_sliced': self.err_sliced, 'err_refit': self.err_refit}
+
+
+def cholesky_solve_(a: torch.Tensor, b: torch.Tensor) -> int:
+    """In place: a (n, n) float64 symmetric positive definite -> its Cholesky factor, b (m, n) float64 ->
+    b a⁻¹ (= (a⁻¹ bᵀ)ᵀ). Returns 0, or k > 0 when the leading k × k minor of a is not positive definite
+    (a and b then hold partial results). On the CPU the compiled kernel calls LAPACK without the layout
+    copies of torch.linalg (csrc/cpu/cholesky_solve_cpu.cpp); elsewhere, or without it, torch.linalg."""
+    if a.device.type == 'cpu' and ops.has_kernel('cholesky_solve_', 'CPU'):
+        return int(torch.ops.snp_fast.cholesky_solve_(a, b))
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        return int(info)
+    if b.numel():
+        b.copy_(torch.cholesky_solve(b.t(), chol).t())
+    a.copy_(chol)
+    return 0
 
 
 class LinearFit:
@@ -71,18 +87,21 @@ class LinearFit:
             b = self.layer.bias.detach().float() if self.bias else None
             pred = torch.nn.functional.linear(x, self.layer.weight.detach().float(), b)
         r = y - pred.reshape(y.shape).float()
-        g = ops.gram(x, backend=self.backend)
+        g = ops.gram(x, backend=self.backend)  # (the precision of the enclosing ops.precision block)
+        # bf16 Grams are of x rounded to bf16: the ones column's sums must be of the same rounded x, or the
+        # bordered Gram [X 1]ᵀ[X 1] is no longer one and can be indefinite (after a LayerNorm it nearly is)
+        xs = x.to(torch.bfloat16) if ops.dispatch.current_precision() == 'bf16' else x
         # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64
         rtx, n = r.t() @ x, x.shape[1]
         if self.xtx is None:
-            self.xtx, self.xsum = g, x.sum(0).double()
+            self.xtx, self.xsum = g, xs.sum(0, dtype=torch.float64)
             self.rtx = rtx.new_empty((rtx.shape[0], n + self.bias), dtype=torch.float64)
             self.rtx[:, :n] = rtx
             if self.bias:
                 self.rtx[:, n] = r.sum(0)
         else:
             self.xtx += g
-            self.xsum += x.sum(0)
+            self.xsum += xs.sum(0, dtype=torch.float64)
             self.rtx[:, :n] += rtx
             if self.bias:
                 self.rtx[:, n] += r.sum(0)
@@ -117,21 +136,23 @@ class LinearFit:
             return RefitStats(self.tokens, before, before)
         g = self._gram()
         scale = g.diagonal().mean().clamp_min(1e-12)
-        diag = g.diagonal().clone()
+        delta = self.rtx.clone()  # (out, in[+1]); solved in place into ΔW (and Δb)
         for jitter in (0.0, 1e-10, 1e-8, 1e-6):
             lam = (damp + jitter) * scale
-            g.diagonal().copy_(diag + lam)  # G + λI in place: no identity matrix or sum beside G
-            chol, info = torch.linalg.cholesky_ex(g)
-            if int(info) == 0:
+            if jitter:
+                g, delta = self._gram(), delta.copy_(self.rtx)  # the failed attempt overwrote both
+            g.diagonal().add_(lam)  # G + λI in place: no identity matrix or sum beside G
+            info = cholesky_solve_(g, delta)
+            if info == 0:
                 break
-        if int(info) == 0:
-            del g  # cholesky_solve copies the factor: G is not held beside both (3 n×n fp64 matrices)
-            delta = torch.cholesky_solve(self.rtx.t(), chol)  # (in[+1], out) = ΔWᵀ, column-major
-        else:  # numerically singular even with jitter: a rank-revealing solve (on the CPU: CUDA's lstsq is
-            # QR without pivoting, which assumes full rank)
-            delta = torch.linalg.lstsq(g.cpu(), self.rtx.t().cpu(), driver='gelsy').solution.to(g.device)
-        del chol
-        dw = delta.t()  # (out, in[+1]) = ΔW (and Δb), row-major
+        del g
+        if info != 0:  # numerically singular even with jitter: a rank-revealing solve (on the CPU: CUDA's
+            # lstsq is QR without pivoting, which assumes full rank)
+            g = self._gram()
+            g.diagonal().add_(lam)
+            delta = torch.linalg.lstsq(g.cpu(), self.rtx.t().cpu(), driver='gelsy').solution.t().to(g.device)
+            del g
+        dw = delta  # (out, in[+1]) = ΔW (and Δb), row-major
         d = dw.reshape(-1)
         # ‖R − XΔ‖² = ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, GΔ⟩, and GΔ = XᵀR − λΔ at the solution
         cross, dd = d.dot(self.rtx.reshape(-1)), d.dot(d)
@@ -140,10 +161,9 @@ class LinearFit:
         after = float((self.rr - cross - lam * dd).clamp_min(0) / yy)
         if after >= before:  # never worse than plain slicing
             return RefitStats(self.tokens, before, before)
+        # in place, computed in float64 (type promotion) and rounded once to the layer's dtype: no copies
         n_in = self.layer.in_features
-        w = self.layer.weight
-        w.data.copy_((w.detach().double() + dw[:, :n_in]).to(w.dtype))
+        self.layer.weight.data.add_(dw[:, :n_in])
         if self.bias:
-            b = self.layer.bias
-            b.data.copy_((b.detach().double() + dw[:, n_in]).to(b.dtype))
+            self.layer.bias.data.add_(dw[:, n_in])
         return RefitStats(self.tokens, before, after)

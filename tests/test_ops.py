@@ -223,21 +223,25 @@ def redundancy_oracle(w):
     return torch.where(n > 0, om, torch.zeros_like(om))
 
 
-def check_redundancy(w, backend):
-    want = redundancy_oracle(w)
-    got = ops.redundancy_scores(w, backend=backend)
+def check_redundancy(w, backend, precision='fp32'):
+    """precision="bf16": the scores of the rows rounded to bfloat16 (products exact in fp32, fp32 sums),
+    against the oracle on those rounded rows."""
+    src = w.to(torch.bfloat16) if precision == 'bf16' else w
+    want = redundancy_oracle(src)
+    got = ops.redundancy_scores(w, backend=backend, precision=precision)
     assert got.shape == (w.shape[0],) and got.dtype == torch.float32
-    torch_err = (reference.redundancy_scores_full(w) - want).abs().max().item()
+    torch_err = (reference.redundancy_scores_full(src) - want).abs().max().item()
     tol = 2 * torch_err + 4 * EPS32 * w.shape[0]
-    assert_close_verbose(got, want, tol, f'redundancy_scores[{backend}] {tuple(w.shape)} {w.dtype}')
+    assert_close_verbose(got, want, tol, f'redundancy_scores[{backend}, {precision}] {tuple(w.shape)} {w.dtype}')
 
 
 RED_SHAPES = [(1, 1), (1, 5), (2, 3), (7, 3), (13, 1), (31, 64), (300, 64), (1023, 77), (1024, 256), (2053, 37)]
 
 
+@pytest.mark.parametrize('precision', ops.PRECISIONS)
 @pytest.mark.parametrize('backend', backends_for('redundancy_scores') or ['cpu'])
 @pytest.mark.parametrize('shape', RED_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
-def test_redundancy_random(backend, shape):
+def test_redundancy_random(backend, shape, precision):
     if backend not in ops.available_backends('redundancy_scores', 'cpu'):
         pytest.skip(f'{backend} not available')
     if backend == 'triton' and shape[0] * shape[1] > 100_000:
@@ -247,7 +251,7 @@ def test_redundancy_random(backend, shape):
     if shape[0] > 2:
         w[1] = 0                        # dead filter: score 0
         w[2] = -3 * w[0]                # exactly collinear pair: |cos| = 1
-    check_redundancy(w, backend)
+    check_redundancy(w, backend, precision)
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
@@ -264,11 +268,12 @@ def test_redundancy_cpu_without_blas_syrk():
     from snp_fast import _C
     try:
         for enabled in (True, False):
-            _C.blas(enabled)
+            _C.blas(enabled)  # (bf16: MKL's bf16 GEMM, or the fp32 route on the rounded rows)
             for shape in [(2, 3), (200, 33), (1023, 77), (2053, 37)]:
                 w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
                 w[1] = 0
-                check_redundancy(w, 'cpu')
+                for precision in ops.PRECISIONS:
+                    check_redundancy(w, 'cpu', precision)
     finally:
         _C.blas(True)
 
@@ -285,7 +290,8 @@ def test_redundancy_extreme_row_norms(n):
         for backend in backends_for('redundancy_scores'):
             if backend == 'triton' and n > 300:
                 continue
-            check_redundancy(v, backend)
+            for precision in ops.PRECISIONS:
+                check_redundancy(v, backend, precision)
 
 
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')])
@@ -334,19 +340,22 @@ def test_redundancy_all_zero():
 GRAM_SHAPES = [(1, 1), (3, 2), (5, 300), (1, 513), (257, 700), (1000, 1023), (64, 1031)]
 
 
-def check_gram(x, backend):
-    want = x.double().t() @ x.double()
-    got = ops.gram(x, backend=backend)
+def check_gram(x, backend, precision='fp32'):
+    """precision="bf16": the Gram of x rounded to bfloat16, against the oracle on the rounded x."""
+    src = x.to(torch.bfloat16) if precision == 'bf16' else x
+    want = src.double().t() @ src.double()
+    got = ops.gram(x, backend=backend, precision=precision)
     assert got.shape == (x.shape[1], x.shape[1]) and got.dtype == torch.float32
-    torch_err = (reference.gram_full(x) - want).abs().max().item()
+    torch_err = (reference.gram_full(src) - want).abs().max().item()
     tol = 2 * torch_err + 4 * EPS32 * want.abs().max().item()
-    assert_close_verbose(got, want, tol, f'gram[{backend}] {tuple(x.shape)} {x.dtype}')
-    assert torch.equal(got, got.t()), f'gram[{backend}] {tuple(x.shape)}: result is not exactly symmetric'
+    assert_close_verbose(got, want, tol, f'gram[{backend}, {precision}] {tuple(x.shape)} {x.dtype}')
+    assert torch.equal(got, got.t()), f'gram[{backend}, {precision}] {tuple(x.shape)}: result is not exactly symmetric'
 
 
+@pytest.mark.parametrize('precision', ops.PRECISIONS)
 @pytest.mark.parametrize('backend', backends_for('gram') or ['cpu'])
 @pytest.mark.parametrize('shape', GRAM_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
-def test_gram_random(backend, shape):
+def test_gram_random(backend, shape, precision):
     if backend not in ops.available_backends('gram', 'cpu'):
         pytest.skip(f'{backend} not available')
     if backend == 'triton' and shape[0] * shape[1] ** 2 > 2e7:
@@ -354,7 +363,7 @@ def test_gram_random(backend, shape):
     g = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
     x = torch.randn(shape, generator=g)
     x[:, shape[1] // 2] = 0
-    check_gram(x, backend)
+    check_gram(x, backend, precision)
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
@@ -374,14 +383,89 @@ def test_gram_cpu_blas_syrk_and_fallback():
     from snp_fast import _C
     names = _C.blas()
     if torch.backends.mkl.is_available():
-        assert names == {'ssyrk': 'mkl_blas_ssyrk', 'dsyrk': 'mkl_blas_dsyrk', 'dgemm': 'mkl_blas_dgemm'}
+        assert names == {'ssyrk': 'mkl_blas_ssyrk', 'dsyrk': 'mkl_blas_dsyrk', 'dgemm': 'mkl_blas_dgemm',
+                         'dpotrf': 'dpotrf_', 'dpotrs': 'dpotrs_', 'gemm_bf16': 'cblas_gemm_bf16bf16f32'}
     try:
-        assert _C.blas(False) == {'ssyrk': '', 'dsyrk': '', 'dgemm': ''}
+        assert _C.blas(False) == dict.fromkeys(names, '')
         for shape in GRAM_SHAPES:
-            check_gram(torch.randn(shape), 'cpu')
+            x = torch.randn(shape)
+            for precision in ops.PRECISIONS:  # (bf16: MKL's bf16 GEMM, or the fp32 routes on the rounded x)
+                check_gram(x, 'cpu', precision)
     finally:
         _C.blas(True)
     assert _C.blas() == names
+
+
+def _spd(n, cond_exp, gen):
+    """A random symmetric positive definite float64 matrix with eigenvalues from 1 down to 10^-cond_exp."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    return (q * torch.logspace(0, -cond_exp, n, dtype=torch.float64)) @ q.t()
+
+
+@pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
+@pytest.mark.parametrize('lapack', [True, False], ids=['lapack', 'aten-fallback'])
+def test_cholesky_solve_inplace(lapack):
+    """The re-fit's in-place solve (LAPACK without layout copies, or ATen without the symbols) against
+    torch.linalg on random SPD systems, odd sizes and no right-hand sides included; a matrix that is not
+    positive definite gives the order of the failing minor, as LAPACK's info."""
+    from snp_fast import _C
+    from snp_fast.refit import cholesky_solve_
+    gen = torch.Generator().manual_seed(0)
+    try:
+        _C.blas(lapack)
+        for n, m in [(1, 1), (2, 5), (7, 3), (33, 0), (129, 50), (513, 17)]:
+            a = _spd(n, 6, gen)
+            b = torch.randn(m, n, dtype=torch.float64, generator=gen)
+            want = torch.linalg.solve(a, b.t()).t()
+            chol = torch.linalg.cholesky(a)
+            fa, fb = a.clone(), b.clone()
+            assert cholesky_solve_(fa, fb) == 0
+            if m:  # backward-stable solve: residual at float64 rounding of ‖a‖‖x‖
+                assert (fb @ a - b).abs().max() <= 1e3 * n * 2 ** -52 * max(1.0, float(fb.abs().max()))
+                assert_close_verbose(fb, want, 1e-6 * float(want.abs().max().clamp_min(1)), f'solve n={n} m={m}')
+            assert_close_verbose(fa.tril(), chol, 1e-10, f'factor n={n}')
+        for k in (1, 4):  # the k-th leading minor is the first that is not positive definite
+            a = torch.eye(6, dtype=torch.float64)
+            a[k - 1, k - 1] = -1
+            assert cholesky_solve_(a, torch.zeros(2, 6, dtype=torch.float64)) == k
+    finally:
+        _C.blas(True)
+
+
+@pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
+def test_cholesky_solve_inplace_rejects_bad_input():
+    f = torch.ops.snp_fast.cholesky_solve_
+    a64, b64 = torch.eye(4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match='float64'):
+        f(a64.float(), b64)
+    with pytest.raises(RuntimeError, match='square'):
+        f(torch.ones(4, 3, dtype=torch.float64), b64)
+    with pytest.raises(RuntimeError, match=r'b must be \(m, 4\)'):
+        f(a64, torch.ones(4, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match='contiguous'):
+        f(a64, torch.ones(4, 2, dtype=torch.float64).t())
+
+
+def test_precision_is_checked_and_scoped():
+    """An unknown precision is refused by name; ops.precision() sets the default of both ops for its block
+    only (what prune(precision=...) uses)."""
+    w = torch.randn(40, 9)
+    g32 = ops.gram(w)
+    for bad in ('fp16', 'BF16', None):
+        with pytest.raises(ValueError, match='precision'):
+            with ops.precision(bad):
+                pass
+    with pytest.raises(ValueError, match="precision='tf32'"):
+        ops.redundancy_scores(w, precision='tf32')
+    with pytest.raises(ValueError, match="precision='tf32'"):
+        ops.gram(w, precision='tf32')
+    with ops.precision('bf16'):
+        assert torch.equal(ops.redundancy_scores(w), ops.redundancy_scores(w, precision='bf16'))
+        assert torch.equal(ops.gram(w), ops.gram(w, precision='bf16'))
+        assert torch.equal(ops.gram(w, precision='fp32'), g32)
+    assert ops.dispatch.current_precision() == 'fp32'
+    assert torch.equal(ops.gram(w), g32)
+    assert not torch.equal(g32, ops.gram(w, precision='bf16'))  # (the rounding is visible)
 
 
 def test_gram_noncontiguous_input():

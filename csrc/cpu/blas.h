@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <climits>
 
 namespace snp_fast::blas {
 
@@ -21,8 +22,20 @@ using gemm_fn = void (*)(const char* transa, const char* transb, const int64_t* 
                          const T* alpha, const T* a, const int64_t* lda, const T* b, const int64_t* ldb, const T* beta,
                          T* c, const int64_t* ldc);
 template <typename T>
+using potrf_fn = void (*)(const char* uplo, const int64_t* n, T* a, const int64_t* lda, int64_t* info);
+template <typename T>
+using potrs_fn = void (*)(const char* uplo, const int64_t* n, const int64_t* nrhs, const T* a, const int64_t* lda, T* b,
+                          const int64_t* ldb, int64_t* info);
+template <typename T>
 using syrk_fn = void (*)(const char* uplo, const char* trans, const int64_t* n, const int64_t* k, const T* alpha,
                          const T* a, const int64_t* lda, const T* beta, T* c, const int64_t* ldc);
+
+// MKL's cblas_gemm_bf16bf16f32: bf16 inputs, products exact in fp32 and accumulated in fp32 (AMX or
+// AVX512-BF16 where the CPU has them), fp32 output. Passed by value; int64 arguments are read right by an
+// LP64 build on x86_64 too (the low half of a register, or of an 8-byte stack slot).
+using gemm_bf16_fn = void (*)(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
+                              const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+                              int64_t ldc);
 
 struct Found {
   void* fn = nullptr;
@@ -60,6 +73,25 @@ inline const Found& dgemm_found() {
   return f;
 }
 
+inline const Found& gemm_bf16_found() {
+#if defined(__x86_64__)
+  static const Found f = find_symbol("cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32");
+#else
+  static const Found f{};
+#endif
+  return f;
+}
+
+inline const Found& dpotrf_found() {  // LAPACK, the standard Fortran names (MKL and OpenBLAS export them)
+  static const Found f = find_symbol("dpotrf_", "dpotrf_");
+  return f;
+}
+
+inline const Found& dpotrs_found() {
+  static const Found f = find_symbol("dpotrs_", "dpotrs_");
+  return f;
+}
+
 inline syrk_fn<float> ssyrk() {
   return lookup_enabled().load() ? reinterpret_cast<syrk_fn<float>>(ssyrk_found().fn) : nullptr;
 }
@@ -70,6 +102,31 @@ inline syrk_fn<double> dsyrk() {
 
 inline gemm_fn<double> dgemm() {
   return lookup_enabled().load() ? reinterpret_cast<gemm_fn<double>>(dgemm_found().fn) : nullptr;
+}
+
+inline gemm_bf16_fn gemm_bf16() {
+  return lookup_enabled().load() ? reinterpret_cast<gemm_bf16_fn>(gemm_bf16_found().fn) : nullptr;
+}
+
+// Row-major c (m × n, row stride ldc) = op(a) op(b) of row-major bf16 matrices; ta / tb: transposed.
+inline void gemm_bf16_rows(gemm_bf16_fn f, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+                           int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc) {
+  constexpr int row_major = 101, no_trans = 111, trans = 112;
+  f(row_major, ta ? trans : no_trans, tb ? trans : no_trans, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+}
+
+inline potrf_fn<double> dpotrf() {
+  return lookup_enabled().load() ? reinterpret_cast<potrf_fn<double>>(dpotrf_found().fn) : nullptr;
+}
+
+inline potrs_fn<double> dpotrs() {
+  return lookup_enabled().load() ? reinterpret_cast<potrs_fn<double>>(dpotrs_found().fn) : nullptr;
+}
+
+// LAPACK's info as written by an LP64 (int32, into the low half of the zero-initialised int64) or an
+// ILP64 library.
+inline int64_t lapack_info(int64_t info) {
+  return info > INT32_MAX ? static_cast<int32_t>(static_cast<uint32_t>(info)) : info;
 }
 
 // Lower (row-major) triangle of the d×d `c` = xᵀx for a row-major (n, d) x with row stride ldx:

@@ -49,15 +49,32 @@ void mirror(at::Tensor& g, bool from_lower) {
   });
 }
 
-at::Tensor gram_cpu(const at::Tensor& x) {
+at::Tensor gram_cpu(const at::Tensor& x, bool bf16) {
   TORCH_CHECK(x.dim() == 2, "gram: x must be 2-D (tokens, features), got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gram: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), "gram (CPU kernel): x must be a CPU tensor");
   const int64_t T = x.size(0), m = x.size(1);
-  auto xf = x.to(at::kFloat).contiguous();  // row-major, so column slices are BLAS-compatible views
   auto g = at::empty({m, m}, x.options().dtype(at::kFloat));
   if (m == 0) return g;
   if (T == 0) return g.zero_();
+  // bf16: the Gram of x rounded to bfloat16. Its products are exact in float32, so without MKL's bf16 GEMM
+  // the float32 routes below on the rounded x compute the same matrix (up to summation order).
+  at::Tensor xb = bf16 ? x.to(at::kBFloat16).contiguous() : at::Tensor();
+  if (auto gemm16 = bf16 ? snp_fast::blas::gemm_bf16() : nullptr;
+      gemm16 != nullptr && T < (int64_t{1} << 31) && m < (int64_t{1} << 31)) {
+    // no bf16 syrk: block rows of the upper triangle, G[I, I:] = x[:, I]ᵀ x[:, I:], each one bf16 GEMM
+    // over all threads, in blocks of 512 (fewer, larger products keep the bf16 GEMM efficient)
+    const auto* p = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    const int64_t b16 = std::min<int64_t>(m, 512);
+    for (int64_t i0 = 0; i0 < m; i0 += b16) {
+      const int64_t ni = std::min(b16, m - i0);
+      snp_fast::blas::gemm_bf16_rows(gemm16, true, false, ni, m - i0, T, p + i0, m, p + i0, m,
+                                     g.data_ptr<float>() + i0 * m + i0, m);
+    }
+    if (m > b16) mirror(g, /*from_lower=*/false);  // (one block is the whole matrix)
+    return g;
+  }
+  auto xf = bf16 ? xb.to(at::kFloat) : x.to(at::kFloat).contiguous();  // row-major: column slices are BLAS views
   const int64_t b = block_size(m);
   if (m == b) return at::mm(xf.t(), xf);  // one block: no triangle to save
   if (auto syrk = snp_fast::blas::ssyrk(); syrk != nullptr && T < (int64_t{1} << 31) && m < (int64_t{1} << 31)) {

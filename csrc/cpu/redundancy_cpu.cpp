@@ -28,14 +28,18 @@ int64_t tile_size(int64_t n) {
   return n >= 2048 ? 512 : 256;
 }
 
-// Row norms accumulated in float64; inv[i] = 1/‖w_i‖ (0 for a zero row).
-void row_norms(const float* w, int64_t n, int64_t m, std::vector<double>& norm, std::vector<float>& inv) {
+// Row norms accumulated in float64; inv[i] = 1/‖w_i‖ (0 for a zero row). T: float or at::BFloat16.
+template <typename T>
+void row_norms(const T* w, int64_t n, int64_t m, std::vector<double>& norm, std::vector<float>& inv) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* r = w + i * m;
+      const T* r = w + i * m;
       double s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < m; ++k) s += static_cast<double>(r[k]) * r[k];
+      for (int64_t k = 0; k < m; ++k) {
+        const double v = static_cast<float>(r[k]);
+        s += v * v;
+      }
       norm[i] = std::sqrt(s);
       inv[i] = norm[i] > 0 ? static_cast<float>(1.0 / norm[i]) : 0.0f;
     }
@@ -67,17 +71,24 @@ void add_block_sums(const float* c, int64_t ld, int64_t ni, int64_t nj, int64_t 
     for (int64_t j = 0; j < nj; ++j) acc[j0 + j] += sj[j] * colsum[j];
 }
 
-at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
+at::Tensor redundancy_scores_cpu(const at::Tensor& w, bool bf16) {
   TORCH_CHECK(w.dim() == 2, "redundancy_scores: w must be 2-D (rows = filters), got shape ", w.sizes());
   TORCH_CHECK(at::isFloatingType(w.scalar_type()), "redundancy_scores: w must be floating point, got ", w.scalar_type());
   TORCH_CHECK(w.device().is_cpu(), "redundancy_scores (CPU kernel): w must be a CPU tensor");
   const int64_t n = w.size(0), m = w.size(1);
   auto out = at::zeros({n}, w.options().dtype(at::kFloat));
   if (n == 0 || m == 0) return out;  // no row has a direction: every score is 0
-  auto wf = w.to(at::kFloat).contiguous();
+  // bf16: the scores of the rows rounded to bfloat16; their products are exact in float32, so the float32
+  // route below on the rounded rows computes the same scores (up to summation order) as the bf16 GEMMs
+  at::Tensor wb = bf16 ? w.to(at::kBFloat16).contiguous() : at::Tensor();
+  at::Tensor wf = bf16 ? at::Tensor() : w.to(at::kFloat).contiguous();  // (bf16: only for the float32 route)
   std::vector<double> norm(n);
   std::vector<float> inv(n);
-  row_norms(wf.data_ptr<float>(), n, m, norm, inv);
+  if (bf16) {
+    row_norms(wb.data_ptr<at::BFloat16>(), n, m, norm, inv);
+  } else {
+    row_norms(wf.data_ptr<float>(), n, m, norm, inv);
+  }
   // float64 sums of fp32 squares cannot overflow: a norm is finite exactly when its row is
   const auto bad = std::find_if(norm.begin(), norm.end(), [](double v) { return !std::isfinite(v); });
   TORCH_CHECK(bad == norm.end(), "redundancy_scores: w holds NaN or Inf values (row ", bad - norm.begin(), ")");
@@ -85,6 +96,8 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
   // subnormal; then a normalised copy (and unit scales) instead.
   const bool raw =
       std::all_of(norm.begin(), norm.end(), [](double v) { return v == 0 || (v > 0x1p-40 && v < 0x1p40); });
+  const auto gemm16 = bf16 && raw && m < (int64_t{1} << 31) ? snp_fast::blas::gemm_bf16() : nullptr;
+  if (bf16 && gemm16 == nullptr) wf = wb.to(at::kFloat);
   if (!raw) {
     if (wf.is_alias_of(w)) wf = wf.clone();  // never scale the caller's weight
     float* p = wf.data_ptr<float>();
@@ -95,19 +108,25 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
       }
     });
   }
-  const float* x = wf.data_ptr<float>();
+  // bf16 GEMMs take the raw rounded rows (a normalised copy, when one is needed, takes the float32 route)
+  const float* x = gemm16 == nullptr ? wf.data_ptr<float>() : nullptr;
   const float* sc = inv.data();
   const auto syrk = m < (int64_t{1} << 31) ? snp_fast::blas::ssyrk() : nullptr;
+  const auto* xb = gemm16 != nullptr ? reinterpret_cast<const uint16_t*>(wb.data_ptr<at::BFloat16>()) : nullptr;
   // one row-sum accumulator per thread (deterministic for a fixed thread count), reduced at the end
   const int64_t nthreads = at::get_num_threads();
   std::vector<std::vector<double>> acc(nthreads, std::vector<double>(n, 0.0));
-  const int64_t T = tile_size(n);
+  // (bf16 GEMMs have no syrk: one tile would be the full n×n product; tiles pairs of the upper triangle do
+  // ~5/8 of it at 1024 rows)
+  const int64_t T = gemm16 != nullptr && n > 256 ? std::min<int64_t>(tile_size(n), 256) : tile_size(n);
   if (T == n) {
     // One tile: the products by one BLAS call over all threads, then the sums over row blocks, blocks b
     // and nb - 1 - b in the same task so that the triangle's rows balance over the threads.
-    auto c = at::empty({n, n}, wf.options());
-    const bool lower = syrk != nullptr;
-    if (lower) {
+    auto c = at::empty({n, n}, out.options());
+    const bool lower = syrk != nullptr && gemm16 == nullptr;  // (no bf16 syrk: the full product)
+    if (gemm16 != nullptr) {
+      snp_fast::blas::gemm_bf16_rows(gemm16, false, true, n, n, m, xb, m, xb, m, c.data_ptr<float>(), n);
+    } else if (lower) {
       snp_fast::blas::syrk_rows_lower(syrk, x, n, m, m, c.data_ptr<float>(), n);
     } else {
       at::mm_out(c, wf, wf.t());
@@ -138,16 +157,19 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w) {
     at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
       const at::ThreadLocalStateGuard guard(tls);
       const int64_t tid = at::get_thread_num();
-      auto tile = at::empty({T, T}, wf.options());
+      auto tile = at::empty({T, T}, out.options());
       std::vector<float> colsum(T);
       for (int64_t p = begin; p < end; ++p) {
         const auto [I, J] = pairs[p];
         const int64_t i0 = I * T, ni = std::min(T, n - i0), j0 = J * T, nj = std::min(T, n - j0);
         // the tile's products: the lower triangle only for a diagonal tile by syrk, else the whole
         // ni × nj tile by GEMM (into a smaller tensor at the matrix's edge)
-        const bool lower = I == J && syrk != nullptr;
-        at::Tensor c = ni == T && nj == T ? tile : at::empty({ni, nj}, wf.options());
-        if (lower) {
+        const bool lower = I == J && syrk != nullptr && gemm16 == nullptr;
+        at::Tensor c = ni == T && nj == T ? tile : at::empty({ni, nj}, out.options());
+        if (gemm16 != nullptr) {
+          snp_fast::blas::gemm_bf16_rows(gemm16, false, true, ni, nj, m, xb + i0 * m, m, xb + j0 * m, m,
+                                         c.data_ptr<float>(), nj);
+        } else if (lower) {
           snp_fast::blas::syrk_rows_lower(syrk, x + i0 * m, ni, m, m, c.data_ptr<float>(), nj);
         } else {
           at::mm_out(c, wf.narrow(0, i0, ni), wf.narrow(0, j0, nj).t());

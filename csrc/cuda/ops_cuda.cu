@@ -17,12 +17,15 @@ namespace {
 
 constexpr int64_t kBlock = 1024;  // block-row height: few, large cuBLAS GEMMs
 
-at::Tensor gram_cuda(const at::Tensor& x) {
+// bf16 (gram, redundancy_scores): the inputs rounded to bfloat16, then the float32 route below (the same
+// values as bf16 products with float32 sums; not faster: bf16 tensor-core GEMMs with a float32 output are
+// not wired up here, where nothing CUDA can run).
+at::Tensor gram_cuda(const at::Tensor& x, bool bf16) {
   TORCH_CHECK(x.dim() == 2, "gram: x must be 2-D (tokens, features), got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gram: x must be floating point, got ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), m = x.size(1);
-  auto xf = x.to(at::kFloat);
+  auto xf = bf16 ? x.to(at::kBFloat16).to(at::kFloat) : x.to(at::kFloat);
   if (xf.stride(1) != 1) xf = xf.contiguous();
   auto g = at::empty({m, m}, xf.options());
   if (m == 0) return g;
@@ -40,12 +43,12 @@ at::Tensor gram_cuda(const at::Tensor& x) {
   return g;
 }
 
-at::Tensor redundancy_scores_cuda(const at::Tensor& w) {
+at::Tensor redundancy_scores_cuda(const at::Tensor& w, bool bf16) {
   TORCH_CHECK(w.dim() == 2, "redundancy_scores: w must be 2-D (rows = filters), got shape ", w.sizes());
   TORCH_CHECK(at::isFloatingType(w.scalar_type()), "redundancy_scores: w must be floating point, got ", w.scalar_type());
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t n = w.size(0);
-  auto wf = w.to(at::kFloat).contiguous();
+  auto wf = (bf16 ? w.to(at::kBFloat16).to(at::kFloat) : w.to(at::kFloat)).contiguous();
   auto norms = at::linalg_vector_norm(wf.to(at::kDouble), 2, {1}, false, std::nullopt);
   TORCH_CHECK(at::isfinite(norms).all().item<bool>(), "redundancy_scores: w holds NaN or Inf values");
   auto inv = at::where(norms > 0, 1.0 / norms, at::zeros_like(norms)).to(at::kFloat);

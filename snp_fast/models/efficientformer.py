@@ -509,7 +509,8 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
           mlp_criterion: str = 'redundancy', embed_criterion: str = 'redundancy', head_criterion: str = 'snp',
           gamma: Optional[int] = None,
           refit: bool = True, damp: float = DEFAULT_DAMP, refit_tokens: Optional[int] = None, batch_size: int = 32,
-          backend: str = 'auto', timm_name: Optional[str] = None, timm_kwargs: Optional[dict] = None):
+          backend: str = 'auto', precision: str = 'fp32', timm_name: Optional[str] = None,
+          timm_kwargs: Optional[dict] = None):
     """snp_fast.prune for a timm EfficientFormer (same arguments; snp_fast.prune checks them and dispatches here).
 
     Ratios (fraction removed): see resolve_ratios; 'embed' means the stage widths. Criteria: q/k "snp"
@@ -544,7 +545,7 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
 
     timer = _Timer()
-    with eval_mode(model) as modes, ops.prefer(backend):  # every op: `backend` where it has it
+    with eval_mode(model) as modes, ops.prefer(backend), ops.precision(precision):  # every op: `backend` where it has it
         pruned, selection, stats = _prune(model, calib, dims_after, timer, qk_criterion, v_criterion, mlp_criterion,
                                           embed_criterion, head_criterion, gamma, refit, damp, refit_tokens,
                                           batch_size)

@@ -3,6 +3,7 @@
     qk_scores(q, k, gamma)        Q/K attention-score preservation scores, (B,H,N,d) -> (H,d)
     redundancy_scores(w)          Σ_l (1 − |cos(W_i, W_l)|) over the rows of w -> (n,)
     gram(x, out=None)             (out +=) xᵀx, fp32, for the least-squares re-fit
+    (both with precision="bf16": of the inputs rounded to bfloat16, products summed in fp32)
     gather_slices(tensors, slices) every (dim, kept-index) slice of many tensors in one call
 
 Every op has a plain-PyTorch reference (ops/reference.py) that the compiled and Triton kernels are
@@ -13,10 +14,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .dispatch import BACKENDS, available_backends, check_backend, extension, has_kernel, prefer, register, resolve
+from .dispatch import (BACKENDS, PRECISIONS, available_backends, check_backend, check_precision, current_precision,
+                       extension, has_kernel, precision, prefer, register, resolve)
 
 __all__ = ['qk_scores', 'redundancy_scores', 'gram', 'gather_slices', 'available_backends', 'BACKENDS',
-           'extension', 'prefer', 'check_backend']
+           'PRECISIONS', 'precision', 'extension', 'prefer', 'check_backend']
 
 # --- reference implementations -------------------------------------------------------------------
 register('qk_scores', 'reference')(reference.qk_scores_literal)
@@ -30,12 +32,15 @@ def _ext_qk_scores(q, k, gamma):
     return torch.ops.snp_fast.qk_scores(q, k, int(gamma))
 
 
-def _ext_redundancy(w):
-    return torch.ops.snp_fast.redundancy_scores(w)
+def _ext_redundancy(w, bf16=False):
+    return torch.ops.snp_fast.redundancy_scores(w, bf16)
 
 
-def _ext_gram(x):
-    return torch.ops.snp_fast.gram(x)
+def _ext_gram(x, bf16=False):
+    return torch.ops.snp_fast.gram(x, bf16)
+
+
+_ext_redundancy.takes_bf16 = _ext_gram.takes_bf16 = True  # the others get bf16-rounded inputs (_with_precision)
 
 
 def _ext_gather(tensors, slices):
@@ -70,11 +75,11 @@ def _register_fakes():
         torch.library.register_fake(f'snp_fast::{name}')(qk_fake)
 
     @torch.library.register_fake('snp_fast::redundancy_scores')
-    def _(w):
+    def _(w, bf16=False):
         return w.new_empty((w.shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake('snp_fast::gram')
-    def _(x):
+    def _(x, bf16=False):
         return x.new_empty((x.shape[1], x.shape[1]), dtype=torch.float32)
 
     @torch.library.register_fake('snp_fast::gather_slices')
@@ -118,16 +123,30 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, gamma: int, *, backend: str = 'a
     return resolve('qk_scores', backend, q.device)(q, k, gamma)
 
 
-def redundancy_scores(w: torch.Tensor, *, backend: str = 'auto') -> torch.Tensor:
-    """ω_i = Σ_l (1 − |cos(W_i, W_l)|) over the rows of a 2-D weight; (n,) float32, high = keep."""
-    return resolve('redundancy_scores', backend, w.device)(w)
+def _with_precision(fn, t: torch.Tensor, p: Optional[str]) -> torch.Tensor:
+    p = current_precision() if p is None else p
+    check_precision(p)
+    if p == 'fp32':
+        return fn(t)
+    if getattr(fn, 'takes_bf16', False):
+        return fn(t, True)
+    return fn(t.to(torch.bfloat16))  # (each route computes in fp32 from its input: the rounded values)
 
 
-def gram(x: torch.Tensor, out: Optional[torch.Tensor] = None, *, backend: str = 'auto') -> torch.Tensor:
-    """xᵀx (fp32) of a (T, m) input; added into `out` when given (streaming accumulation)."""
+def redundancy_scores(w: torch.Tensor, *, precision: Optional[str] = None, backend: str = 'auto') -> torch.Tensor:
+    """ω_i = Σ_l (1 − |cos(W_i, W_l)|) over the rows of a 2-D weight; (n,) float32, high = keep.
+    precision: "fp32", or "bf16" for ω of the rows rounded to bfloat16 (dispatch.PRECISIONS); None: that of
+    the enclosing ops.precision() block, "fp32" outside one."""
+    return _with_precision(resolve('redundancy_scores', backend, w.device), w, precision)
+
+
+def gram(x: torch.Tensor, out: Optional[torch.Tensor] = None, *, precision: Optional[str] = None,
+         backend: str = 'auto') -> torch.Tensor:
+    """xᵀx (fp32) of a (T, m) input; added into `out` when given (streaming accumulation).
+    precision: "fp32", or "bf16" for the Gram of x rounded to bfloat16 (as in redundancy_scores)."""
     if x.dim() != 2:
         raise ValueError(f'gram needs a 2-D input (tokens, features), got shape {tuple(x.shape)}')
-    g = resolve('gram', backend, x.device)(x)
+    g = _with_precision(resolve('gram', backend, x.device), x, precision)
     if out is None:
         return g
     return out.add_(g)

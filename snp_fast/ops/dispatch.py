@@ -14,7 +14,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 __all__ = ['BACKENDS', 'register', 'resolve', 'available_backends', 'extension', 'has_kernel', 'prefer',
-           'check_backend']
+           'check_backend', 'PRECISIONS', 'check_precision', 'precision', 'current_precision']
+
+# Precision of the large products (redundancy cosines, re-fit Grams). "bf16": the inputs are rounded to
+# bfloat16 and their products (exact in fp32) summed in fp32: MKL's bf16 GEMM (AMX / AVX512-BF16) in the
+# CPU kernels, several times the fp32 GEMM rate where the CPU has them; every other backend computes the
+# same values from the rounded inputs by its fp32 route.
+PRECISIONS = ('fp32', 'bf16')
 
 BACKENDS = ('auto', 'reference', 'cpu', 'cuda', 'triton')
 # Preference of backend="auto" by device type (first available wins).
@@ -23,6 +29,7 @@ _AUTO_ORDER = {'cuda': ('cuda', 'triton', 'reference'), 'cpu': ('cpu', 'referenc
 _TABLE: Dict[str, Dict[str, Callable]] = {}
 # A model-level choice (prefer()): backend="auto" tries it first for every op.
 _preferred: contextvars.ContextVar = contextvars.ContextVar('snp_fast_preferred_backend', default=None)
+_precision: contextvars.ContextVar = contextvars.ContextVar('snp_fast_precision', default='fp32')
 _warned: set = set()
 _ext = None
 _ext_error: Optional[str] = None
@@ -136,3 +143,24 @@ def check_backend(backend: str, device) -> None:
     why = f' (the compiled extension is not loaded: {_ext_error})' if backend in ('cpu', 'cuda') and _ext_error else ''
     raise ValueError(f'backend={backend!r} has no kernel for a model on {device.type}{why}; use "auto" or one of '
                      f'{sorted({b for op in _TABLE for b in available_backends(op, device)})}')
+
+
+def check_precision(p: str) -> None:
+    if p not in PRECISIONS:
+        raise ValueError(f'precision={p!r} is not known; choose one of {list(PRECISIONS)}')
+
+
+def current_precision() -> str:
+    """The precision ops use when none is given: "fp32", or what the innermost precision() block set."""
+    return _precision.get()
+
+
+@contextmanager
+def precision(p: str):
+    """Within this block, redundancy_scores and gram default to precision `p` (what prune(precision=p) uses)."""
+    check_precision(p)
+    token = _precision.set(p)
+    try:
+        yield
+    finally:
+        _precision.reset(token)
