@@ -61,7 +61,16 @@ def providers(op, device):
             continue
         fn = {'qk_scores': ops.qk_scores, 'redundancy_scores': ops.redundancy_scores, 'gram': ops.gram}[op]
         out[b] = (lambda fn_, b_: lambda *a: fn_(*a, backend=b_))(fn, b)
+        if op != 'qk_scores':  # precision="bf16": the same op of the inputs rounded to bfloat16
+            out[f'{b} bf16'] = (lambda fn_, b_: lambda *a: fn_(*a, backend=b_, precision='bf16'))(fn, b)
     return out
+
+
+def expected(provs, name, inputs):
+    """What provider `name` must return: the reference's result, of the bf16-rounded inputs for a bf16 one."""
+    if name.endswith(' bf16'):
+        inputs = tuple(t.to(torch.bfloat16) for t in inputs)
+    return next(iter(provs.values()))(*inputs)
 
 
 def sync(device):
@@ -114,11 +123,9 @@ def main(argv=None):
             continue
         inputs = make_inputs(op, shape, dev)
         provs = providers(op, dev)
-        base_name = next(iter(provs))
-        want = provs[base_name](*inputs)
         base_ms = None
         for name, fn in provs.items():
-            check(op, fn(*inputs), want)
+            check(op, fn(*inputs), expected(provs, name, inputs))
             reps = max(1, args.repeats // 2) if name.startswith('reference (literal') else args.repeats
             ms = median_ms(fn, inputs, dev, reps)
             base_ms = base_ms or ms
