@@ -114,8 +114,10 @@ def test_prune_ratios_file_round_to(work):
     (work / 'ratios.json').write_text(json.dumps({'qk': 0.4, 'v': 0.3, 'mlp': 0.45, 'embed': 0.2}))
     out = work / 'out_ratios'
     r = run_cli('prune', TINY_NAME, '--model-kwargs', TINY_KW, '--checkpoint', work / 'tiny.safetensors',
-                '--ratios', work / 'ratios.json', '--round-to', 8, '--num-calib', 6, '--out', out, '--quiet')
+                '--ratios', work / 'ratios.json', '--round-to', 8, '--num-calib', 6, '--precision', 'bf16',
+                '--out', out, '--quiet')
     assert r.returncode == 0, r.stderr
+    assert snp_fast.io.load_recipe(str(out))['settings']['precision'] == 'bf16'
     dims = snp_fast.io.load_recipe(str(out))['dims_after']
     assert dims['embed'] % 8 == 0 and dims['embed'] < 64
     for b in dims['blocks']:

@@ -533,7 +533,9 @@ def test_gather_slices_rejects_bad_index():
 @pytest.mark.parametrize('name,args', [
     ('qk_scores', lambda: (torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8), 3)),
     ('redundancy_scores', lambda: (torch.randn(37, 11),)),
+    ('redundancy_scores', lambda: (torch.randn(300, 11), True)),
     ('gram', lambda: (torch.randn(19, 300),)),
+    ('gram', lambda: (torch.randn(19, 600), True)),
     ('gather_slices', lambda: ([torch.randn(4, 5), torch.randn(6)], [0, 0], [torch.tensor([1, 3]), torch.tensor([5])],
                                [1, 0], [torch.tensor([0, 4]), None])),
 ])
