@@ -24,8 +24,8 @@ TORCH_LIBRARY(snp_fast, m) {
   m.def("redundancy_scores(Tensor w, bool bf16=False) -> Tensor");
   // Gram matrix x^T x of a (T, m) input, float32 (m, m); bf16: of x rounded to bfloat16, as above.
   m.def("gram(Tensor x, bool bf16=False) -> Tensor");
-  // In place: a (n, n) float64 symmetric positive definite -> its Cholesky factor, b (m, n) float64 ->
-  // b a^-1; returns LAPACK's info (0, or k > 0: the leading k x k minor is not positive definite).
+  // In place: b (m, n) float64 -> b a^-1 for a (n, n) float64 symmetric positive definite, which is
+  // overwritten; returns LAPACK's info (0, or k > 0: the leading k x k minor is not positive definite).
   m.def("cholesky_solve_(Tensor(a!) a, Tensor(b!) b) -> int");
   // Apply (dim, kept-index) slices to many tensors in one call; idx_b may be None (one slice only).
   m.def("gather_slices(Tensor[] src, int[] dim_a, Tensor[] idx_a, int[] dim_b, Tensor?[] idx_b) -> Tensor[]");

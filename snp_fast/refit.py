@@ -7,7 +7,8 @@ layer's outputs at the kept output rows), the re-fit solves
 
 i.e. Wᵀ = (X_Sᵀ X_S + λI)⁻¹ (X_Sᵀ Y + λ W_Sᵀ), with W_S the sliced weights. Damping towards W_S (not
 towards 0) means that with nothing pruned the layer comes back unchanged, and that the calibration
-error can never exceed that of plain slicing (W_S is a feasible point of the same objective). The
+error can never exceed that of plain slicing (W_S is a feasible point of the same objective; with
+precision="bf16" the Gram is of the bf16-rounded X, so the "after" error is an estimate to that rounding). The
 Gram matrix streams in over calibration batches (a symmetric rank-k update, ops.gram) in fp32; the
 solve runs in fp64 by Cholesky (LAPACK in place on the CPU: cholesky_solve_).
 """
@@ -35,10 +36,11 @@ class RefitStats:
 
 
 def cholesky_solve_(a: torch.Tensor, b: torch.Tensor) -> int:
-    """In place: a (n, n) float64 symmetric positive definite -> its Cholesky factor, b (m, n) float64 ->
-    b a⁻¹ (= (a⁻¹ bᵀ)ᵀ). Returns 0, or k > 0 when the leading k × k minor of a is not positive definite
-    (a and b then hold partial results). On the CPU the compiled kernel calls LAPACK without the layout
-    copies of torch.linalg (csrc/cpu/cholesky_solve_cpu.cpp); elsewhere, or without it, torch.linalg."""
+    """In place: b (m, n) float64 -> b a⁻¹ (= (a⁻¹ bᵀ)ᵀ) for a (n, n) float64 symmetric positive definite,
+    which is used as workspace (on the CPU kernel's path its lower triangle holds the Cholesky factor
+    afterwards). Returns 0, or k > 0 when the leading k × k minor of a is not positive definite (b then
+    holds partial results). On the CPU the compiled kernel calls LAPACK without the layout copies of
+    torch.linalg (csrc/cpu/cholesky_solve_cpu.cpp); elsewhere, or without it, torch.linalg."""
     if a.device.type == 'cpu' and ops.has_kernel('cholesky_solve_', 'CPU'):
         return int(torch.ops.snp_fast.cholesky_solve_(a, b))
     chol, info = torch.linalg.cholesky_ex(a)
@@ -46,7 +48,6 @@ def cholesky_solve_(a: torch.Tensor, b: torch.Tensor) -> int:
         return int(info)
     if b.numel():
         b.copy_(torch.cholesky_solve(b.t(), chol).t())
-    a.copy_(chol)
     return 0
 
 

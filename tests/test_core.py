@@ -304,6 +304,39 @@ def test_linear_fit_streams_batches(bias):
         assert torch.allclose(layers[0].bias, layers[1].bias, atol=1e-5)
 
 
+def test_refit_solve_retries_with_jitter_then_falls_back_to_lstsq(monkeypatch):
+    """A Gram that is singular at damp=0 (a zero input column) fails the first factorisation and is solved
+    with the next jitter, from a rebuilt matrix; when every factorisation fails, the rank-revealing lstsq
+    fallback gives the same fit (its orientation: ΔW, not ΔWᵀ)."""
+    import importlib
+    R = importlib.import_module('snp_fast.refit')
+    torch.manual_seed(0)
+    x = torch.randn(200, 6)
+    x[:, 3] = 0
+    y = x @ torch.randn(6, 3) + 0.1 * torch.randn(200, 3)
+
+    def fit(layer):
+        f = R.LinearFit(layer)
+        f.add(x, y)
+        return f.solve(damp=0.0)
+    calls = []
+    real = R.cholesky_solve_
+    monkeypatch.setattr(R, 'cholesky_solve_', lambda a, b: calls.append(real(a, b)) or calls[-1])
+    monkeypatch.setattr(torch.linalg, 'lstsq', lambda *a, **k: pytest.fail('lstsq fallback used'))
+    base = nn.Linear(6, 3)
+    a = copy.deepcopy(base)
+    st = fit(a)
+    assert calls[0] == 4 and calls[-1] == 0, calls  # minor 4 (the zero column) fails, the jitter succeeds
+    assert st.err_refit < 0.05 * st.err_sliced and torch.isfinite(a.weight).all()
+    monkeypatch.undo()
+    monkeypatch.setattr(R, 'cholesky_solve_', lambda a, b: 1)  # every factorisation fails
+    b = copy.deepcopy(base)
+    st_b = fit(b)
+    torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.bias, a.bias, rtol=1e-4, atol=1e-5)
+    assert st_b.err_refit == pytest.approx(st.err_refit, rel=1e-3)
+
+
 def test_refit_never_increases_layer_error():
     model = tiny('deit_small_distilled_patch16_224')
     x = images(8)
@@ -580,13 +613,14 @@ def test_auto_backend_selects_the_same_filters_as_reference(name):
     assert auto.snp_recipe['selection'] == ref.snp_recipe['selection']
 
 
-def test_bf16_precision_selects_like_the_reference_on_rounded_inputs():
+def test_bf16_precision_selects_like_the_reference_on_rounded_inputs(monkeypatch):
     """precision="bf16": the compiled kernels (MKL's bf16 GEMM here) select what the pure-Python version
     selects from the same bf16-rounded inputs; the setting is recorded, and the re-fit still runs (its
     bordered Gram stays positive definite: every fit is solved, none falls back)."""
     model = tiny('deit_tiny_patch16_224')
     x = images(4)
     ratios = {'qk': 0.5, 'v': 0.4, 'mlp': 0.3, 'embed': 0.25}
+    monkeypatch.setattr(torch.linalg, 'lstsq', lambda *a, **k: pytest.fail('a re-fit fell back to lstsq'))
     auto, rep = snp_fast.prune(model, x, ratios=ratios, refit=True, precision='bf16')
     ref, _ = snp_fast.prune(model, x, ratios=ratios, refit=False, backend='reference', precision='bf16')
     assert auto.snp_recipe['selection'] == ref.snp_recipe['selection']

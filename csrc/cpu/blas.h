@@ -8,6 +8,9 @@
 #pragma once
 
 #include <dlfcn.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include <atomic>
 #include <cstdint>
@@ -73,9 +76,23 @@ inline const Found& dgemm_found() {
   return f;
 }
 
+// Whether the CPU multiplies bf16 in hardware (AVX512_BF16: CPUID.(7,1):EAX[5]; AMX-BF16: CPUID.(7,0):EDX[22]).
+// Elsewhere MKL's bf16 GEMM is emulated, slower than the fp32 route it would replace.
+inline bool cpu_has_bf16_dot() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  const bool avx512_bf16 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+  const bool amx_bf16 = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22));
+  return avx512_bf16 || amx_bf16;
+#else
+  return false;
+#endif
+}
+
 inline const Found& gemm_bf16_found() {
 #if defined(__x86_64__)
-  static const Found f = find_symbol("cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32");
+  static const Found f =
+      cpu_has_bf16_dot() ? find_symbol("cblas_gemm_bf16bf16f32", "cblas_gemm_bf16bf16f32") : Found{};
 #else
   static const Found f{};
 #endif

@@ -1,5 +1,5 @@
-// In-place Cholesky solve for the re-fit's ridge systems (snp_fast/refit.py): a ← its Cholesky factor,
-// b ← b a⁻¹, by LAPACK's dpotrf / dpotrs (torch's own, looked up like the BLAS in blas.h; through ATen
+// In-place Cholesky solve for the re-fit's ridge systems (snp_fast/refit.py): b ← b a⁻¹, a overwritten
+// (its lower triangle by the Cholesky factor), by LAPACK's dpotrf / dpotrs (torch's own, looked up like the BLAS in blas.h; through ATen
 // when they are not found).
 //
 // torch.linalg.cholesky_ex + torch.cholesky_solve do the same arithmetic, but copy a into column-major
@@ -29,7 +29,6 @@ int64_t cholesky_solve_inplace_cpu(at::Tensor a, at::Tensor b) {
     auto [chol, info] = at::linalg_cholesky_ex(a);
     if (info.item<int64_t>() != 0) return info.item<int64_t>();
     if (m > 0) b.copy_(at::cholesky_solve(b.t(), chol).t());
-    a.copy_(chol);
     return 0;
   }
   TORCH_CHECK(n < (int64_t{1} << 31) && m < (int64_t{1} << 31), "cholesky_solve_: sizes must be < 2^31");
