@@ -88,10 +88,11 @@ class LinearFit:
             b = self.layer.bias.detach().float() if self.bias else None
             pred = torch.nn.functional.linear(x, self.layer.weight.detach().float(), b)
         r = y - pred.reshape(y.shape).float()
-        g = ops.gram(x, backend=self.backend)  # (the precision of the enclosing ops.precision block)
-        # bf16 Grams are of x rounded to bf16: the ones column's sums must be of the same rounded x, or the
-        # bordered Gram [X 1]ᵀ[X 1] is no longer one and can be indefinite (after a LayerNorm it nearly is)
+        # bf16 Grams (the enclosing ops.precision block) are of x rounded to bf16, rounded once here: the ones
+        # column's sums must be of the same rounded x, or the bordered Gram [X 1]ᵀ[X 1] is no longer one and
+        # can be indefinite (after a LayerNorm it nearly is)
         xs = x.to(torch.bfloat16) if ops.dispatch.current_precision() == 'bf16' else x
+        g = ops.gram(xs, backend=self.backend)  # (rounding a bf16 input again is a no-op)
         # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64
         rtx, n = r.t() @ x, x.shape[1]
         if self.xtx is None:
