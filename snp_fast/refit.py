@@ -93,17 +93,19 @@ class LinearFit:
         # can be indefinite (after a LayerNorm it nearly is)
         xs = x.to(torch.bfloat16) if ops.dispatch.current_precision() == 'bf16' else x
         g = ops.gram(xs, backend=self.backend)  # (rounding a bf16 input again is a no-op)
-        # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64
+        # fp32 products and sums (BLAS / cascade summation), accumulated across batches in fp64. The column
+        # sums are fp32 like the Gram's entries (a float64 reduction is ~15x slower: ~40 ms a ViT-L block)
         rtx, n = r.t() @ x, x.shape[1]
+        xsum = xs.float().sum(0).double()
         if self.xtx is None:
-            self.xtx, self.xsum = g, xs.sum(0, dtype=torch.float64)
+            self.xtx, self.xsum = g, xsum
             self.rtx = rtx.new_empty((rtx.shape[0], n + self.bias), dtype=torch.float64)
             self.rtx[:, :n] = rtx
             if self.bias:
                 self.rtx[:, n] = r.sum(0)
         else:
             self.xtx += g
-            self.xsum += xs.sum(0, dtype=torch.float64)
+            self.xsum += xsum
             self.rtx[:, :n] += rtx
             if self.bias:
                 self.rtx[:, n] += r.sum(0)
