@@ -294,6 +294,25 @@ def test_redundancy_extreme_row_norms(n):
                 check_redundancy(v, backend, precision)
 
 
+@pytest.mark.parametrize('n', [6, 1500])  # one tile / several
+def test_redundancy_rows_whose_inverse_norm_is_not_a_normal_float(n):
+    """‖w_i‖ < 2.9e-39 makes 1/‖w_i‖ overflow float32 (it once turned every score into NaN), ‖w_i‖ ~ 1e37
+    makes it subnormal. A fixed tolerance, the reference included: check_redundancy's tolerance scales with
+    the reference's own error, which is what let a reference with float32 norms pass such rows."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 5, generator=g)
+    for scale in (3e-40, 1e37):
+        v = w.clone()
+        v[1::3] *= scale
+        for precision in ops.PRECISIONS:
+            want = redundancy_oracle(v.to(torch.bfloat16) if precision == 'bf16' else v)
+            for backend in ['reference'] + backends_for('redundancy_scores'):
+                if backend == 'triton' and n > 300:
+                    continue
+                got = ops.redundancy_scores(v, backend=backend, precision=precision)
+                assert_close_verbose(got, want, 16 * EPS32 * n, f'redundancy_scores[{backend}, {precision}] x{scale}')
+
+
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')])
 @pytest.mark.parametrize('n', [6, 1500])  # one tile / several
 def test_redundancy_non_finite_rows(bad, n):
@@ -527,6 +546,52 @@ def test_gather_slices_rejects_bad_index():
     for backend in backends_for('gather_slices'):
         with pytest.raises(RuntimeError, match='out of range'):
             ops.gather_slices([torch.randn(3)], [[(0, torch.tensor([3]))]], backend=backend)
+
+
+def test_gather_slices_rejects_bad_dims_and_index_types():
+    t = torch.arange(12.).view(3, 4)
+    for backend in ['reference'] + backends_for('gather_slices'):
+        for dim in (2, 5, -3):  # (the compiled route once wrapped them into range: dim % ndim)
+            with pytest.raises(IndexError, match=f'no dim {dim}'):
+                ops.gather_slices([t], [[(dim, torch.tensor([0]))]], backend=backend)
+        with pytest.raises(IndexError, match='no dim 0'):
+            ops.gather_slices([torch.tensor(1.)], [[(0, torch.tensor([0]))]], backend=backend)
+        with pytest.raises(TypeError, match='1-D int64 tensor, got list'):
+            ops.gather_slices([t], [[(0, [0, 1])]], backend=backend)
+
+
+def test_qk_scores_gamma_must_be_an_int():
+    q = torch.randn(1, 2, 5, 8)
+    for backend in ['reference'] + backends_for('qk_scores'):
+        for gamma in (1.7, 2.0, True):  # (1.7 was truncated to 1)
+            with pytest.raises(TypeError, match='gamma must be an int'):
+                ops.qk_scores(q, q, gamma, backend=backend)
+
+
+def test_ops_take_inputs_that_require_grad():
+    """Scores and slices are not differentiable: every op runs without a graph, whatever the size or dim
+    (the CPU kernels' out= ATen calls refused such inputs beyond one redundancy tile, or along dim 0)."""
+    gen = torch.Generator().manual_seed(9)
+    w = torch.nn.Parameter(torch.randn(1100, 8, generator=gen))
+    x = torch.nn.Parameter(torch.randn(40, 300, generator=gen))
+    q = torch.nn.Parameter(torch.randn(2, 2, 9, 8, generator=gen))
+    p = torch.nn.Parameter(torch.randn(3, 4, generator=gen))
+    i = torch.tensor([1, 0])
+    for backend in backends_for('redundancy_scores'):
+        if backend == 'triton':
+            continue  # (1100 rows: too slow under the interpreter; the Triton routes start with .float())
+        got = ops.redundancy_scores(w, backend=backend)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, reference.redundancy_scores_full(w.detach()), rtol=1e-5, atol=1e-3)
+        got = ops.gram(x, backend=backend)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, reference.gram_full(x.detach()), rtol=1e-5, atol=1e-3)
+    for backend in backends_for('qk_scores'):
+        assert not ops.qk_scores(q, q, 2, backend=backend).requires_grad
+    for backend in backends_for('gather_slices'):
+        for dim in (0, 1):
+            (got,) = ops.gather_slices([p], [[(dim, i)]], backend=backend)
+            assert not got.requires_grad and torch.equal(got, p.detach().index_select(dim, i))
 
 
 # --- torch.library.opcheck (schemas, fake kernels, dispatch) on the CPU kernels ---------------------

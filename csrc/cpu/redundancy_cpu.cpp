@@ -103,7 +103,8 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w, bool bf16) {
     float* p = wf.data_ptr<float>();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        for (int64_t k = 0; k < m; ++k) p[i * m + k] *= inv[i];
+        // divided in double: 1/‖w_i‖ itself can overflow float (‖w_i‖ < 2.9e-39) or lose bits as a subnormal
+        for (int64_t k = 0; k < m; ++k) p[i * m + k] = norm[i] > 0 ? static_cast<float>(p[i * m + k] / norm[i]) : 0.0f;
         inv[i] = norm[i] > 0 ? 1.0f : 0.0f;
       }
     });

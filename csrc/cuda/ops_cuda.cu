@@ -49,10 +49,12 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& w, bool bf16) {
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t n = w.size(0);
   auto wf = (bf16 ? w.to(at::kBFloat16).to(at::kFloat) : w.to(at::kFloat)).contiguous();
-  auto norms = at::linalg_vector_norm(wf.to(at::kDouble), 2, {1}, false, std::nullopt);
+  auto wd = wf.to(at::kDouble);
+  auto norms = at::linalg_vector_norm(wd, 2, {1}, false, std::nullopt);
   TORCH_CHECK(at::isfinite(norms).all().item<bool>(), "redundancy_scores: w holds NaN or Inf values");
-  auto inv = at::where(norms > 0, 1.0 / norms, at::zeros_like(norms)).to(at::kFloat);
-  auto wn = (wf * inv.unsqueeze(1)).contiguous();
+  // divided in double: 1/‖w_i‖ overflows float below 2.9e-39 (a zero row stays zero)
+  auto wn = (wd / at::where(norms > 0, norms, at::ones_like(norms)).unsqueeze(1)).to(at::kFloat).contiguous();
+  wd.reset();
   auto sums = at::zeros({n}, norms.options());
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {  // block row I of the upper triangle: |cos| of rows I × rows I:
     const int64_t ni = std::min(kBlock, n - i0);

@@ -9,6 +9,7 @@
 Every op has a plain-PyTorch reference (ops/reference.py) that the compiled and Triton kernels are
 tested and benchmarked against.
 """
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -29,7 +30,7 @@ register('gather_slices', 'reference')(reference.gather_slices_loop)
 
 # --- compiled extension (torch.ops.snp_fast.*), one entry per dispatch key ------------------------
 def _ext_qk_scores(q, k, gamma):
-    return torch.ops.snp_fast.qk_scores(q, k, int(gamma))
+    return torch.ops.snp_fast.qk_scores(q, k, gamma)
 
 
 def _ext_redundancy(w, bf16=False):
@@ -49,7 +50,7 @@ def _ext_gather(tensors, slices):
         if not 1 <= len(per) <= 2:
             raise ValueError(f'gather_slices: each tensor takes one or two (dim, index) slices, got {len(per)}')
         (da, ia), (db, ib) = per[0], (per[1] if len(per) == 2 else (0, None))
-        dim_a.append(da % t.dim())
+        dim_a.append(da % t.dim())  # (in range: checked by gather_slices)
         idx_a.append(ia.to(t.device))
         dim_b.append(db % t.dim())
         idx_b.append(None if ib is None else ib.to(t.device))
@@ -107,7 +108,8 @@ def _import_triton_kernels():
 _import_triton_kernels()
 
 
-# --- public API -----------------------------------------------------------------------------------
+# --- public API: scores and slices, not differentiable (no autograd graph, also for inputs that require grad)
+@torch.no_grad()
 def qk_scores(q: torch.Tensor, k: torch.Tensor, gamma: int, *, backend: str = 'auto') -> torch.Tensor:
     """Q/K attention-score preservation scores (SNP.md), summed over the batch.
 
@@ -120,6 +122,12 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, gamma: int, *, backend: str = 'a
     Returns:
         (H, d) float32 scores, high = keep.
     """
+    if isinstance(gamma, bool):
+        raise TypeError(f'qk_scores: gamma must be an int, got {gamma!r}')
+    try:
+        gamma = operator.index(gamma)  # ints and integer scalars; never truncates a float
+    except TypeError:
+        raise TypeError(f'qk_scores: gamma must be an int, got {gamma!r}') from None
     return resolve('qk_scores', backend, q.device)(q, k, gamma)
 
 
@@ -133,6 +141,7 @@ def _with_precision(fn, t: torch.Tensor, p: Optional[str]) -> torch.Tensor:
     return fn(t.to(torch.bfloat16))  # (each route computes in fp32 from its input: the rounded values)
 
 
+@torch.no_grad()
 def redundancy_scores(w: torch.Tensor, *, precision: Optional[str] = None, backend: str = 'auto') -> torch.Tensor:
     """ω_i = Σ_l (1 − |cos(W_i, W_l)|) over the rows of a 2-D weight; (n,) float32, high = keep.
     precision: "fp32", or "bf16" for ω of the rows rounded to bfloat16 (dispatch.PRECISIONS); None: that of
@@ -140,6 +149,7 @@ def redundancy_scores(w: torch.Tensor, *, precision: Optional[str] = None, backe
     return _with_precision(resolve('redundancy_scores', backend, w.device), w, precision)
 
 
+@torch.no_grad()
 def gram(x: torch.Tensor, out: Optional[torch.Tensor] = None, *, precision: Optional[str] = None,
          backend: str = 'auto') -> torch.Tensor:
     """xᵀx (fp32) of a (T, m) input; added into `out` when given (streaming accumulation).
@@ -155,12 +165,21 @@ def gram(x: torch.Tensor, out: Optional[torch.Tensor] = None, *, precision: Opti
 Slice = Tuple[int, torch.Tensor]
 
 
+@torch.no_grad()
 def gather_slices(tensors: Sequence[torch.Tensor], slices: Sequence[Sequence[Slice]], *,
                   backend: str = 'auto') -> List[torch.Tensor]:
     """Slice many tensors at once: tensors[i] keeps, along each (dim, int64 index) of slices[i], the
-    listed indices (one or two slices per tensor). Returns new contiguous tensors."""
+    listed indices (one or two slices per tensor; dims in [-ndim, ndim)). Returns new contiguous tensors."""
     if len(tensors) != len(slices):
         raise ValueError(f'gather_slices: {len(tensors)} tensors but {len(slices)} slice lists')
     if not tensors:
         return []
+    for i, (t, per) in enumerate(zip(tensors, slices)):
+        for dim, idx in per:
+            if isinstance(dim, bool) or not isinstance(dim, int) or not -t.dim() <= dim < t.dim():
+                raise IndexError(f'gather_slices: tensor {i} of shape {tuple(t.shape)} has no dim {dim!r}')
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 1:
+                raise TypeError(f'gather_slices: the index for dim {dim} of tensor {i} must be a 1-D int64 tensor, '
+                                f'got {type(idx).__name__}' + (f' of shape {tuple(idx.shape)}'
+                                                              if isinstance(idx, torch.Tensor) else ''))
     return resolve('gather_slices', backend, tensors[0].device)(tensors, slices)

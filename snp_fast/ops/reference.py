@@ -123,8 +123,8 @@ def redundancy_scores_full(w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f'redundancy scores need a 2-D weight (rows = filters), got shape {tuple(w.shape)}')
     w = w.float()
     _check_finite_rows(w)
-    norms = w.norm(dim=1)
-    wn = _safe_div(w, norms.unsqueeze(1))
+    norms = w.double().norm(dim=1)  # float64: a float32 sum of squares over- or underflows beyond ~1e±19
+    wn = _safe_div(w.double(), norms.unsqueeze(1)).float()
     cos = (wn @ wn.t()).abs()
     omega = w.shape[0] - cos.sum(dim=1)
     return torch.where(norms > 0, omega, torch.zeros_like(omega))

@@ -57,7 +57,8 @@ def redundancy_scores_triton(w: torch.Tensor) -> torch.Tensor:
     norms = w.double().norm(dim=1)  # finite exactly when the row is (fp32 squares cannot overflow float64)
     if not bool(torch.isfinite(norms).all()):
         raise ValueError('redundancy scores: w holds NaN or Inf values')
-    wn = (w * torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms)).float().unsqueeze(1)).contiguous()
+    # divided in float64: 1/‖w_i‖ overflows float32 below 2.9e-39 (a zero row stays zero)
+    wn = (w.double() / torch.where(norms > 0, norms, 1.0).unsqueeze(1)).float().contiguous()
     if n == 0:
         return torch.zeros(0, device=w.device)
     if w.shape[1] == 0:
