@@ -18,6 +18,7 @@ import ctypes
 import functools
 import math
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -294,8 +295,18 @@ def _embed_scores(model: nn.Module, criterion: str, calib: Optional[torch.Tensor
         return tss_average(per_block)
     producers = [model.patch_embed.proj.weight.flatten(1)]
     for blk in model.blocks:
-        producers += [blk.attn.proj.weight, blk.mlp.fc2.weight]
+        for i, w in ((1, blk.attn.proj.weight), (2, blk.mlp.fc2.weight)):
+            # (cosines of rows, the redundancy scores, do not change with row scales: no scaled copies)
+            producers.append(w if criterion == 'redundancy' else _scaled_rows(blk, i, w))
     return tss_average([_row_scores(timer, w, criterion) for w in producers])
+
+
+def _scaled_rows(blk: nn.Module, i: int, w: torch.Tensor) -> torch.Tensor:
+    """The rows of branch i's output layer as they reach the stream, for a row-norm criterion: times the
+    branch's LayerScale, when it has one (a post-norm block's norm is no per-channel gain: left out)."""
+    gain = None if roles.is_post_norm(blk) else getattr(getattr(blk, f'ls{i}', None), 'gamma',
+                                                        getattr(blk, f'gamma_{i}', None))
+    return w if gain is None else w.detach() * gain.detach().to(w.dtype).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +408,8 @@ def prune(
     timer = _Timer()
     notes: List[str] = []
     dims_before = vit.model_dims(model)
+    if preset is not None:
+        _check_preset_model(preset, dims_before, notes)
     spec = resolve_ratios(preset if preset is not None else ratios, len(dims_before.blocks))
     if any(isinstance(spec[k], int) and spec[k] for k in DROP_KEYS):  # counts: the least contributing branches
         if calib is None:
@@ -487,6 +500,32 @@ def record(model, pruned, family: str, report_cls, timm_config, dims_before, dim
     }
     return report_cls(dims_before, dims_after, count_params(model), count_params(pruned), count_macs(model),
                       count_macs(pruned), timer.times, settings, refit_stats, notes)
+
+
+def _check_preset_model(name: str, dims: ModelDims, notes: List[str]) -> None:
+    """A preset's ratios were chosen for one architecture. Another family's preset, or one for another
+    depth, is refused; on other widths its ratios still apply but the MACs it quotes do not: a warning."""
+    from .presets import list_presets, load_preset
+    if name not in list_presets():
+        return  # (resolve_ratios names the available ones)
+    p = load_preset(name)
+    if p.get('family', 'vit') != 'vit':
+        raise ValueError(f"preset {name!r} is for {p.get('model')}, not a ViT")
+    import timm
+    try:
+        with torch.device('meta'):
+            want = vit.model_dims(timm.create_model(p['model']))
+    except Exception:  # (a timm without that model: nothing to compare with)
+        return
+    if len(want.blocks) != len(dims.blocks):
+        raise ValueError(f"preset {name!r} is for {p['model']} ({len(want.blocks)} blocks); this model has "
+                         f'{len(dims.blocks)}')
+    if want != dims:
+        msg = (f"preset {name!r} was chosen for {p['model']} (embedding {want.embed}, fc1 {want.blocks[0].mlp}); "
+               f"this model's widths differ (embedding {dims.embed}, fc1 {dims.blocks[0].mlp}): the ratios apply, "
+               'the MACs the preset quotes do not')
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
 
 
 def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_criterion, mlp_criterion,
@@ -678,13 +717,15 @@ def _block_taps(blk: nn.Module, embed: Optional[torch.Tensor] = None, mlp_sel: O
     projection is not a single Linear call, e.g. EvaAttention's F.linear with separate biases, the
     attention's input); with `embed` (the kept residual channels: re-fit on) the re-fit targets, each cut
     to what the pruned block keeps: proj's and fc2's outputs at `embed`, every fc1 output at the rows of
-    the kept neurons `mlp_sel` (all rows when None: cut after selection); fc2's input when `fc2_in` (the
-    "activation" FFN criterion)."""
+    the kept neurons `mlp_sel` (all rows when None: cut after selection), an output gate's output (all
+    rows); fc2's input when `fc2_in` (the "activation" FFN criterion)."""
     a, mlp = blk.attn, blk.mlp
     taps = {'qkv': (a.qkv, 'out')} if roles.qkv_layout(a) == 'fused' else {'attn_in': (a, 'in')}
     if embed is not None:
         dev = a.proj.weight.device
         e = embed.to(dev)
+        if getattr(a, 'gate', None) is not None:  # (all rows: the kept value filters are chosen after the run)
+            taps['gate'] = (a.gate, 'out')
         for name, rows in roles.mlp_fc1_rows(mlp, torch.arange(0) if mlp_sel is None else mlp_sel).items():
             taps[name] = (getattr(mlp, name), 'out') if mlp_sel is None else (getattr(mlp, name), 'out', rows.to(dev))
         taps.update({'proj_out': (a.proj, 'out', e), 'fc2_out': (mlp.fc2, 'out', e)})
@@ -761,6 +802,11 @@ def _refit_block(pb, xp, cap, sel, H, d, damp, refit_tokens, gen, batch, stats, 
             stats[f'{p}.attn.{name}'] = _fit(layer, n1, target, rows, damp)
             write_back()
             del target
+        if 'gate' in cap:  # the output gate (before its sigmoid), at the kept value columns
+            target = _take_cols(cap.pop('gate'), vit.value_out_cols(pb.attn, sel, d).to(dev))
+            stats[f'{p}.attn.gate'] = _fit(pb.attn.gate, n1, target, rows, damp)
+            del target
+    cap.pop('gate', None)
     del cap['qkv']
     # the sliced proj's output on ctx comes with the run: it is the re-fit's starting prediction
     _, c = _run_captured(pb.attn, n1, {'ctx': (pb.attn.proj, 'in'), 'pred': (pb.attn.proj, 'out')}, batch, kwargs)

@@ -118,6 +118,22 @@ def test_magnitude_criteria_need_no_data():
         assert pruned(images(1)).shape == (1, 10)
 
 
+def test_magnitude_embed_criterion_sees_layerscale():
+    """The residual channels' row norms are those of what reaches the stream: proj / fc2 rows times the
+    branch's LayerScale. Channels whose rows are small but whose LayerScale is large are kept (they were
+    ranked by the raw rows)."""
+    model = tiny('deit3_small_patch16_224')
+    with torch.no_grad():
+        for blk in model.blocks:
+            for ls, lin in ((blk.ls1, blk.attn.proj), (blk.ls2, blk.mlp.fc2)):
+                ls.gamma.fill_(0.1)
+                ls.gamma[:8] = 100.0
+                lin.weight[:8] *= 0.01  # small raw rows, large once scaled
+    pruned, _ = snp_fast.prune(model, None, ratios={'embed': 0.5}, refit=False, qk_criterion='magnitude',
+                               embed_criterion='magnitude')
+    assert set(range(8)) <= set(pruned.snp_recipe['selection']['embed'])
+
+
 # ------------------------------------------------------------------------------------------------
 # Q/K scores
 
@@ -188,6 +204,22 @@ def test_macs_counter_matches_formula():
 def test_presets_shipped_in_package():
     assert set(snp_fast.list_presets()) >= {'deit_tiny_patch16_224', 'deit_small_patch16_224',
                                             'deit_small_patch16_224_1p3G', 'deit_base_patch16_224'}
+
+
+def test_presets_are_checked_against_the_model():
+    """A preset for other widths warns (its MACs do not apply) and is noted in the report; one for another
+    depth or another family is refused, naming the preset's model; the preset's own model is silent."""
+    kw = dict(refit=False, qk_criterion='magnitude')
+    with pytest.warns(UserWarning, match="chosen for deit_tiny_patch16_224 .*embedding 192.*differ .embedding 768"):
+        _, report = snp_fast.prune(timm.create_model('deit_base_patch16_224').eval(), preset='deit_tiny_patch16_224', **kw)
+    assert any('MACs the preset quotes do not' in n for n in report.notes)
+    with pytest.raises(ValueError, match=r'is for deit_tiny_patch16_224 \(12 blocks\); this model has 4'):
+        snp_fast.prune(timm.create_model('deit_tiny_patch16_224', depth=4).eval(), preset='deit_tiny_patch16_224', **kw)
+    with pytest.raises(ValueError, match='is for efficientformer_l1, not a ViT'):
+        snp_fast.prune(timm.create_model('deit_tiny_patch16_224').eval(), preset='efficientformer_l1_0p6G', **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        snp_fast.prune(timm.create_model('deit_tiny_patch16_224').eval(), preset='deit_tiny_patch16_224', **kw)
 
 
 @pytest.mark.parametrize('name', list(TINY))

@@ -276,6 +276,15 @@ def _head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0, heads: Optiona
     return (heads.long().unsqueeze(1) * head_dim + sel + offset).flatten()
 
 
+def value_out_cols(attn: nn.Module, sel: BlockSelection, head_dim: int) -> torch.Tensor:
+    """The kept columns of the attention's output (H·d_v wide: proj's input, the output gate's rows and its
+    norm). With grouped-query attention each value head's kept filters repeat for its query heads."""
+    g = roles.kv_groups(attn)
+    if g == 1:
+        return _head_rows(sel.v, head_dim, heads=sel.heads)
+    return _head_rows(sel.v.repeat_interleave(g, 0), head_dim)
+
+
 def _norm_plan(plan: Plan, prefix: str, module: nn.Module, idx: torch.Tensor) -> None:
     for p in ('weight', 'bias'):
         if getattr(module, p, None) is not None:
@@ -327,9 +336,7 @@ def block_plan(model: nn.Module, i: int, sel: BlockSelection, embed: torch.Tenso
     d = d_qk
     p = f'blocks.{i}'
     q_rows = _head_rows(sel.qk, d, heads=sel.heads)
-    v_cols = _head_rows(sel.v, d, heads=sel.heads)
-    g = roles.kv_groups(attn)  # grouped-query attention: v rows per value head, proj columns per query head
-    v_rows, v_cols = v_cols, (v_cols if g == 1 else _head_rows(sel.v.repeat_interleave(g, 0), d))
+    v_rows, v_cols = _head_rows(sel.v, d, heads=sel.heads), value_out_cols(attn, sel, d)
     plan: Plan = {}
     _norm_plan(plan, f'{p}.norm1', blk.norm1, embed)
     _norm_plan(plan, f'{p}.norm2', blk.norm2, embed)
@@ -371,6 +378,15 @@ def _new_linear(old: nn.Linear, in_f: int, out_f: int) -> nn.Linear:
 
 def _new_param(old: torch.Tensor, shape) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device='meta', dtype=old.dtype), requires_grad=old.requires_grad)
+
+
+def _unsupported(bd: 'BlockDims', od: 'BlockDims') -> str:
+    """What a target asks of an attention that only some attentions support, in the user's terms."""
+    if bd.heads == 0:
+        return 'dropping the attention branch (drop_attn)'
+    if bd.heads != od.heads:
+        return "head pruning (ratio 'heads')"
+    return "q/k pruning (ratio 'qk')"
 
 
 def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
@@ -432,7 +448,7 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
         gate_bias = None if gate is None else gate.bias is not None
         if hasattr(a, 'num_prefix_tokens'):  # timm's rotary attentions (Eva family)
             if bd.heads != od.heads or bd.qk != od.qk:
-                raise ValueError(f'blocks.{i}: head and q/k pruning of a RoPE attention are not supported')
+                raise ValueError(f'blocks.{i}: {_unsupported(bd, od)} of a RoPE attention is not supported')
             blk.attn = roles.PrunedRopeAttention(
                 D, bd.heads, bd.qk, bd.v, scale=float(a.scale), layout=roles.qkv_layout(a),
                 qkv_bias=roles.qkv_biases(a),
@@ -443,7 +459,7 @@ def apply_dims(model: nn.Module, dims: ModelDims) -> nn.Module:
         else:
             relpos = {'rel_pos': a.rel_pos} if hasattr(a, 'rel_pos') else {}
             if relpos and bd.heads != od.heads:
-                raise ValueError(f'blocks.{i}: head pruning of a relative-position attention is not supported')
+                raise ValueError(f'blocks.{i}: {_unsupported(bd, od)} of a relative-position attention is not supported')
             blk.attn = (PrunedRelPosAttention if relpos else PrunedAttention)(
                 D, bd.heads, bd.qk, bd.v, scale=float(a.scale), qkv_bias=a.qkv.bias is not None,
                 proj_bias=a.proj.bias is not None, q_norm=q_norm, k_norm=k_norm, norm=norm, gate_bias=gate_bias,
