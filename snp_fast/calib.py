@@ -50,12 +50,19 @@ class CalibInfo:
 
 
 def data_config(model: nn.Module) -> dict:
-    """timm's data config for the model, with the input size read off the model (img_size overrides)."""
+    """timm's data config for the model, with the input size read off the model (img_size overrides) and
+    mean / std given per input channel: timm's defaults are RGB's three, whatever in_chans is (a 1-channel
+    model, e.g. on grayscale images, gets their average)."""
     import timm.data
     cfg = dict(timm.data.resolve_model_data_config(model))
     img = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    chans = getattr(model, 'in_chans', None) or cfg['input_size'][0]
     if img is not None:
-        cfg['input_size'] = (getattr(model, 'in_chans', 3), *tuple(img))
+        cfg['input_size'] = (chans, *tuple(img))
+    for key in ('mean', 'std'):
+        v = tuple(cfg[key])
+        if len(v) != chans:
+            cfg[key] = (sum(v) / len(v),) if chans == 1 else tuple(v[i % len(v)] for i in range(chans))
     return cfg
 
 

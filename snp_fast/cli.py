@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import traceback
 from typing import List, Optional
@@ -469,6 +471,12 @@ def _dir_is_free(path: str) -> bool:
     return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 # ------------------------------------------------------------------------------------------------
 # prune
 
@@ -490,6 +498,9 @@ def cmd_prune(args) -> int:
                                                       else 'no such directory'))
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise UsageError(f'--checkpoint {args.checkpoint}: no such file')
+    for flag in ('checkpoint', 'calib'):  # --overwrite replaces --out as a whole: never with the run's own inputs
+        if args.overwrite and getattr(args, flag) is not None and _inside(getattr(args, flag), out):
+            raise UsageError(f'--{flag} {getattr(args, flag)}: inside --out {out}, which --overwrite replaces')
     device = _resolve_device(args.device)
     kwargs = _model_kwargs(args.model_kwargs)
     progress = not args.quiet
@@ -690,11 +701,11 @@ def cmd_bench(args) -> int:
 
 def cmd_export(args) -> int:
     import snp_fast
-    from .export import check_onnx, export_onnx
+    from .export import MAX_OPSET, check_onnx, export_onnx
     if not os.path.isdir(args.dir):
         raise UsageError(f'DIR {args.dir}: no such directory')
-    if args.opset < 17:
-        raise UsageError(f'--opset must be >= 17, got {args.opset}')
+    if not 17 <= args.opset <= MAX_OPSET:
+        raise UsageError(f'--opset must be in [17, {MAX_OPSET}], got {args.opset}')
     out = os.path.abspath(args.onnx)
     if os.path.isdir(out):
         raise UsageError(f'--onnx {args.onnx}: is a directory')
@@ -824,7 +835,7 @@ def cmd_inspect(args) -> int:
                 print(f'calibration: {c["loaded"]} images from {c["source"]}')
             if cli.get('weights'):
                 print(f'weights: {cli["weights"]}')
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             print(f'(report.json unreadable: {e})')
     print('files: ' + ', '.join(f'{f} {_fmt_bytes(os.path.getsize(os.path.join(args.dir, f)))}'
                                 for f in sorted(os.listdir(args.dir)) if os.path.isfile(os.path.join(args.dir, f))))
@@ -852,9 +863,16 @@ def cmd_finetune(args) -> int:
     if not os.path.isdir(args.dir):
         raise UsageError(f'DIR {args.dir}: no such directory')
     out = os.path.abspath(args.out or args.dir.rstrip('/') + '_ft')
+    ckpt = os.path.abspath(args.checkpoint_dir or out + '.ckpt')
+    for flag, path in (('--out', out), ('--checkpoint-dir', ckpt)):  # before any training
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f'{flag} {path}: exists and is not a directory')
+        _check_parent(path, flag)
     if not _dir_is_free(out) and not args.overwrite:
         raise UsageError(f'--out {out}: exists and is not empty (pass --overwrite to replace it)')
-    ckpt = os.path.abspath(args.checkpoint_dir or out + '.ckpt')
+    if _inside(ckpt, out):
+        raise UsageError(f'--checkpoint-dir {ckpt}: inside --out {out}, which the fine-tuned model replaces; '
+                         'put the checkpoints elsewhere')
     if args.resume and not os.path.isfile(os.path.join(ckpt, 'checkpoint.json')):
         raise UsageError(f'--resume: no checkpoint in {ckpt}')
     for flag in ('limit_train', 'limit_val', 'stop_after'):
@@ -893,7 +911,11 @@ def cmd_finetune(args) -> int:
         if args.teacher:
             raise UsageError('--teacher needs --teacher-weights (the shipped teacher is used without both)')
         teacher, how = shipped(), f'shipped {args.data} ViT'
-    if model_dims(teacher) != ModelDims.from_dict(recipe['dims_before']):
+    try:
+        before = ModelDims.from_dict(recipe['dims_before'])
+    except (KeyError, TypeError, ValueError) as e:
+        raise snp_fast.RecipeError(f'{args.dir}/recipe.json: malformed dims: {e}') from None
+    if model_dims(teacher) != before:
         raise UsageError(f'the teacher ({how}) is not the model {args.dir} was pruned from (its widths differ from '
                          'the recipe\'s dims_before); pass the unpruned weights with --teacher-weights')
 
@@ -931,6 +953,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .models.vit import UnsupportedModelError
     old_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *a, **k: f'warning: {message}\n'  # one line each
+    # SIGTERM (timeout, a job scheduler) unwinds like Ctrl-C, so that half-written outputs are removed
+    in_main = threading.current_thread() is threading.main_thread()  # (signal handlers: main thread only)
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     try:
         return args.func(args)
     except BrokenPipeError:  # e.g. `snp-fast inspect DIR | head`: the reader left; nothing more to say
@@ -952,6 +977,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_ERROR
     finally:
         warnings.formatwarning = old_format
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term is None else old_term)
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f'signal {signum}')
 
 
 if __name__ == '__main__':

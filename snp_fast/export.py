@@ -17,17 +17,25 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['DEFAULT_OPSET', 'export_onnx', 'check_onnx']
+__all__ = ['DEFAULT_OPSET', 'MAX_OPSET', 'export_onnx', 'check_onnx']
 
 DEFAULT_OPSET = 17
+try:  # the newest opset torch.onnx.export(dynamo=False) writes
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
+except ImportError:
+    MAX_OPSET = 20
 
 
 def export_onnx(model: nn.Module, path: str, example: Optional[torch.Tensor] = None, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, verbose: bool = False) -> str:
     """Export `model` (eval mode) to `path`; returns the absolute path."""
     from .bench import _input
-    if opset < 17:
-        raise ValueError(f'opset must be >= 17, got {opset}')
+    if not 17 <= opset <= MAX_OPSET:
+        raise ValueError(f'opset must be in [17, {MAX_OPSET}] (the TorchScript exporter\'s range), got {opset}')
+    p = next(model.parameters(), None)
+    if p is not None and p.dtype == torch.bfloat16:  # (the exporter fails deep inside on the pruned attention)
+        raise ValueError('ONNX export of a bfloat16 model is not supported (ONNX Runtime has no bfloat16 CPU '
+                         'kernels for this graph either); export a float32 or float16 copy (model.float())')
     model = model.eval()
     if example is None:
         example = _input(model, 1)

@@ -159,8 +159,10 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
     if not recipe.get('timm_name'):
         raise ValueError(f'the unpruned architecture cannot be rebuilt with timm ({recipe.get("timm_unavailable")}); '
                          'pass timm_name= and timm_kwargs= to snp_fast.prune()')
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)) and not overwrite:
+    directory = os.path.realpath(directory)  # a link to a folder: that folder is replaced, the link stays
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f'{directory} exists and is not a directory')
+    if os.path.exists(directory) and os.listdir(directory) and not overwrite:
         raise FileExistsError(f'{directory} exists and is not empty (pass overwrite=True to replace it)')
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -262,7 +264,7 @@ def _init_computed_buffers(model: nn.Module, device) -> None:
 
 def load_pruned(directory: str, device='cpu') -> nn.Module:
     """Rebuild a model saved by save_pruned() (no pickle; every tensor name and shape is checked)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     recipe = load_recipe(directory)
     wpath = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(wpath):
@@ -283,17 +285,21 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
         raise RecipeError(f'{directory}/{RECIPE}: {e}') from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
-    with safe_open(wpath, framework='pt', device=str(device)) as f:
-        saved = (f.metadata() or {}).get('structure')  # (absent in files written before it was recorded)
-        keys = set(f.keys())
-        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-        if missing or unexpected:
-            raise RecipeError(f'{wpath} does not match its recipe: missing {missing[:5]}, unexpected {unexpected[:5]}')
-        for k in expected:
-            t = f.get_tensor(k)
-            if tuple(t.shape) != expected[k]:
-                raise RecipeError(f'{wpath}: {k} has shape {tuple(t.shape)} but the recipe gives {expected[k]}')
-            state[k] = t
+    try:
+        with safe_open(wpath, framework='pt', device=str(device)) as f:
+            saved = (f.metadata() or {}).get('structure')  # (absent in files written before it was recorded)
+            keys = set(f.keys())
+            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or unexpected:
+                raise RecipeError(f'{wpath} does not match its recipe: missing {missing[:5]}, '
+                                  f'unexpected {unexpected[:5]}')
+            for k in expected:
+                t = f.get_tensor(k)
+                if tuple(t.shape) != expected[k]:
+                    raise RecipeError(f'{wpath}: {k} has shape {tuple(t.shape)} but the recipe gives {expected[k]}')
+                state[k] = t
+    except SafetensorError as e:  # a truncated or corrupt file
+        raise RecipeError(f'{wpath} is not a readable safetensors file: {e}') from e
     if saved is not None and saved != structure_digest(recipe):  # the shapes agree, yet the structure differs
         raise RecipeError(f'{wpath} was not saved with {directory}/{RECIPE}: the recipe describes another '
                           'pruned structure (widths or kept indices)')

@@ -84,7 +84,14 @@ def plot_attention(original: nn.Module, pruned: nn.Module, image: torch.Tensor, 
     matplotlib.use('Agg', force=True)
     import matplotlib.pyplot as plt
     from .calib import denormalize
-    blocks = default_blocks(len(original.blocks)) if blocks is None else list(blocks)
+    live = [i for i, b in enumerate(pruned.blocks) if getattr(b.attn, 'num_heads', 1) > 0]  # (drop_attn: none)
+    if blocks is None:
+        blocks = [live[j] for j in default_blocks(len(live))]
+    dropped = sorted(set(blocks) - set(live))
+    if dropped or not blocks:
+        raise ValueError(f'no attention to draw in blocks {dropped} of the pruned model (their attention branch was '
+                         'dropped)' if dropped else 'no attention to draw: every attention branch of the pruned model '
+                         'was dropped')
     mo = attention_maps(original, image, blocks)
     mp = attention_maps(pruned, image, blocks)
     img = denormalize(image if image.dim() == 3 else image[0], original)

@@ -243,7 +243,8 @@ def test_bad_input_subprocess(work):
                                   'bad_ratios', 'ratios_json', 'unknown_preset', 'preset_depth', 'unreachable',
                                   'bad_flops', 'unknown_model', 'unsupported', 'out_exists', 'bad_kwargs',
                                   'round_to', 'blocks_not_dicts', 'blocks_not_list', 'kwargs_zero_patch',
-                                  'out_under_file', 'preset_family', 'plot_rope'])
+                                  'out_under_file', 'preset_family', 'plot_rope', 'calib_inside_out',
+                                  'checkpoint_inside_out'])
 def test_prune_bad_input(case, work, capsys, tmp_path):
     base = ['prune', TINY_NAME, '--model-kwargs', TINY_KW, '--quiet', '--num-calib', 2]
     out = tmp_path / 'out'
@@ -252,7 +253,15 @@ def test_prune_bad_input(case, work, capsys, tmp_path):
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'x').write_text('x')
+    (tmp_path / 'full' / 'imgs').mkdir()
+    (tmp_path / 'full' / 'imgs' / '1.png').write_bytes((work / 'imgs' / 'cat' / '1.png').read_bytes())
+    (tmp_path / 'full' / 'w.pth').write_bytes((work / 'tiny.pth').read_bytes())
     args, expect = {
+        # --overwrite replaces --out as a whole: the run's own inputs inside it would go with it
+        'calib_inside_out': (base + ['--calib', tmp_path / 'full' / 'imgs', '--flops', '1M', '--out', tmp_path / 'full',
+                                     '--overwrite'], '--calib'),
+        'checkpoint_inside_out': (base + ['--checkpoint', tmp_path / 'full' / 'w.pth', '--flops', '1M', '--out',
+                                          tmp_path / 'full', '--overwrite'], 'inside --out'),
         'no_target': (base + ['--out', out], '--preset'),
         'missing_ckpt': (base + ['--checkpoint', tmp_path / 'nope.pth', '--ratios', tmp_path / 'r.json', '--out', out],
                          '--checkpoint'),
@@ -287,7 +296,7 @@ def test_prune_bad_input(case, work, capsys, tmp_path):
     rc, text = main_rc(capsys, *args)
     assert rc == 2, text
     assert expect in text, text
-    assert not out.exists()
+    assert not out.exists() and (tmp_path / 'full' / 'w.pth').exists() and (tmp_path / 'full' / 'imgs').exists()
 
 
 def test_pretrained_offline(capsys, tmp_path):
@@ -308,6 +317,7 @@ def test_pretrained_offline(capsys, tmp_path):
     (['export', '{tmp}'], '--onnx'),
     (['bench', TINY_NAME, '--json', '{tmp}'], '--json'),
     (['bench', TINY_NAME, '--json', '{tmp}/f.txt/x.json'], '--json'),
+    (['export', '{tmp}', '--onnx', '{tmp}/a.onnx', '--opset', '99'], '--opset must be in [17, '),
 ])
 def test_other_bad_input(args, expect, capsys, tmp_path):
     (tmp_path / 'f.txt').write_text('a file')
@@ -423,6 +433,75 @@ def test_bench_model_name_with_target(capsys):
     assert 'random weights' in text and 'speedup' in text and 'allocation: MACs target 1.000M' in text
 
 
+def test_prune_one_channel_model(capsys, tmp_path):
+    """The shipped digits ViT (in_chans=1): timm's mean / std are RGB's three, made one for the grayscale
+    calibration images (the normalisation failed on the channel count)."""
+    from snp_fast.demo import DIGITS_VIT
+    weights = os.path.join(os.path.dirname(snp_fast.__file__), 'data', 'digits_vit.safetensors')
+    rc, text = main_rc(capsys, 'prune', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(DIGITS_VIT),
+                       '--checkpoint', weights, '--ratios', 0.5, '--num-calib', 8, '--quiet', '--out', tmp_path / 'd')
+    assert rc == 0, text
+    assert snp_fast.load_pruned(str(tmp_path / 'd')).embed_dim == 64
+
+
+def test_prune_plot_with_a_dropped_attention(work, capsys, tmp_path):
+    """--plot draws the blocks whose attention the pruned model still has (it failed after the whole prune)."""
+    rc, text = main_rc(capsys, 'prune', TINY_NAME, '--model-kwargs', TINY_KW, '--ratios', '{"drop_attn": [1]}',
+                       '--plot', '--num-calib', 2, '--quiet', '--out', tmp_path / 'o')
+    assert rc == 0, text
+    assert (tmp_path / 'o' / 'attention.png').read_bytes()[:8] == PNG_SIG
+
+
+def test_corrupt_weights_are_named(flops_run, capsys, tmp_path):
+    import shutil
+    _, out, _ = flops_run
+    d = tmp_path / 'copy'
+    shutil.copytree(out, d)
+    (d / 'model.safetensors').write_bytes(b'\0' * 64)
+    with pytest.raises(snp_fast.RecipeError, match='model.safetensors is not a readable safetensors file'):
+        snp_fast.load_pruned(str(d))
+    rc, text = main_rc(capsys, 'export', d, '--onnx', tmp_path / 'm.onnx')
+    assert rc == 2 and 'not a readable safetensors file' in text and not (tmp_path / 'm.onnx').exists(), text
+
+
+def test_bfloat16_export_is_refused_plainly(flops_run, tmp_path):
+    from snp_fast.export import export_onnx
+    model = snp_fast.load_pruned(str(flops_run[1])).to(torch.bfloat16)
+    with pytest.raises(ValueError, match='bfloat16 model is not supported'):
+        export_onnx(model, str(tmp_path / 'm.onnx'))
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_unwinds_like_ctrl_c(capsys, monkeypatch):
+    """SIGTERM (timeout, a scheduler) runs the same clean-up as Ctrl-C; the handler is put back after."""
+    import signal
+    import time
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+    monkeypatch.setattr(cli, 'cmd_inspect', killed)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, text = main_rc(capsys, 'inspect', '.')
+    assert rc == 130 and 'interrupted' in text, text
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_save_into_a_link_to_a_folder(flops_run, tmp_path):
+    """--out naming a link to a folder: the model goes into that folder and the link stays (the link was replaced
+    by a new folder and the one it pointed to was left as it was)."""
+    model = snp_fast.load_pruned(str(flops_run[1]))
+    (tmp_path / 'big').mkdir()
+    (tmp_path / 'lnk').symlink_to(tmp_path / 'big')
+    snp_fast.save_pruned(model, str(tmp_path / 'lnk'))
+    assert (tmp_path / 'lnk').is_symlink() and (tmp_path / 'big' / 'model.safetensors').exists()
+    (tmp_path / 'f.txt').write_text('precious')
+    with pytest.raises(FileExistsError, match='not a directory'):
+        snp_fast.save_pruned(model, str(tmp_path / 'f.txt'), overwrite=True)
+    assert (tmp_path / 'f.txt').read_text() == 'precious'
+
+
 # ------------------------------------------------------------------------------------------------
 # finetune (knowledge distillation from the shipped digits ViT)
 
@@ -470,12 +549,23 @@ def test_finetune_stop_and_resume(digits_pruned, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('case', ['no_dir', 'out_exists', 'no_checkpoint', 'bad_alpha', 'wrong_teacher',
-                                  'teacher_without_weights', 'bad_data', 'lr_inf', 'weight_decay_nan'])
+                                  'teacher_without_weights', 'bad_data', 'lr_inf', 'weight_decay_nan', 'out_is_file',
+                                  'ckpt_is_file', 'ckpt_inside_out', 'ckpt_under_file'])
 def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
+    """Refused before any training (output paths included: they were found bad only after the last epoch)."""
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'x').write_text('x')
+    (tmp_path / 'f.txt').write_text('precious')
     d = digits_pruned
     args, expect = {
+        'out_is_file': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'f.txt', '--overwrite'],
+                        '--out'),  # (--overwrite replaced the file by the model's folder)
+        'ckpt_is_file': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--checkpoint-dir',
+                          tmp_path / 'f.txt'], '--checkpoint-dir'),
+        'ckpt_inside_out': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--checkpoint-dir',
+                             tmp_path / 'o' / 'ck'], 'inside --out'),
+        'ckpt_under_file': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--checkpoint-dir',
+                             tmp_path / 'f.txt' / 'ck'], 'is a file, not a folder'),
         'no_dir': (['finetune', tmp_path / 'nope', '--data', 'digits'], 'DIR'),
         'out_exists': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'full'], '--out'),
         'no_checkpoint': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--resume'], '--resume'),
@@ -491,7 +581,8 @@ def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
     }[case]
     rc, text = main_rc(capsys, *args)
     assert rc == 2 and expect in text, text
-    assert not (tmp_path / 'o').exists()
+    assert 'epoch 1/' not in text and not (tmp_path / 'o').exists()
+    assert (tmp_path / 'f.txt').read_text() == 'precious'
 
 
 @pytest.mark.slow
