@@ -615,7 +615,9 @@ def _load_dir_pair(directory: str, device):
         original = timm.create_model(recipe['timm_name'], pretrained=False, **(recipe.get('timm_kwargs') or {}))
     except Exception as e:  # noqa: BLE001
         raise snp_fast.RecipeError(f'{directory}/recipe.json: timm cannot build {recipe.get("timm_name")!r}: {e}') from e
-    return original.to(device).eval(), pruned.to(device).eval(), recipe['timm_name']
+    # the original in the pruned model's dtype: a speed-up that mixes in fp32 vs fp16 / bf16 is not pruning's
+    dtype = next(pruned.parameters()).dtype
+    return original.to(device, dtype).eval(), pruned.to(device).eval(), recipe['timm_name']
 
 
 def cmd_bench(args) -> int:
@@ -814,7 +816,7 @@ def cmd_inspect(args) -> int:
     s = recipe.get('settings') or {}
     keys = ('preset', 'qk_criterion', 'v_criterion', 'mlp_criterion', 'embed_criterion', 'refit', 'calib_images', 'backend',
             'precision')
-    print('settings: ' + ', '.join(f'{k}={s[k]}' for k in keys if k in s))
+    print('settings: ' + ', '.join(f'{k}={s[k]}' for k in keys if k in s and not (k == 'preset' and s[k] is None)))
     rpath = os.path.join(args.dir, 'report.json')
     if os.path.isfile(rpath):
         try:

@@ -174,6 +174,7 @@ def test_inspect(flops_run):
     assert r.returncode == 0, r.stderr
     for s in (TINY_NAME, 'params', 'MACs', 'q/k per head', 'model.safetensors', 'allocation', 'calibration'):
         assert s in r.stdout, s
+    assert 'preset=None' not in r.stdout  # (no preset: not listed)
 
 
 def test_export_onnx_round_trip(flops_run, work):
@@ -207,6 +208,13 @@ def test_bench_dir_and_model(flops_run, work):
     rows = json.loads(js.read_text())['rows']
     assert {(x['backend'], x['batch']) for x in rows} == {('eager', 1), ('eager', 2), ('onnx', 1), ('onnx', 2)}
     assert all(x['original_ms'] > 0 and x['pruned_ms'] > 0 and x['speedup'] > 0 for x in rows)
+
+
+def test_bench_dir_compares_in_the_saved_dtype(flops_run, tmp_path):
+    """bench DIR times the original in the pruned model's dtype (it was rebuilt in float32 beside an fp16 model)."""
+    snp_fast.save_pruned(snp_fast.load_pruned(str(flops_run[1])).half(), str(tmp_path / 'h'))
+    original, pruned, _ = cli._load_dir_pair(str(tmp_path / 'h'), torch.device('cpu'))
+    assert next(original.parameters()).dtype == next(pruned.parameters()).dtype == torch.float16
 
 
 def test_bench_api():
