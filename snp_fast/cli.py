@@ -456,11 +456,20 @@ class _BlockProgress:
         self.bar.close()
 
 
-def _check_parent(path: str, flag: str) -> None:
-    """Before any work: the nearest existing folder above `path` must be a writable folder."""
+def _first_missing(path: str) -> Optional[str]:
+    """The outermost folder above `path` that does not exist yet (None: its parent exists): what creating
+    `path`'s folders would make, and what a failure must remove again."""
+    made = None
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+        made, parent = parent, os.path.dirname(parent)
+    return made
+
+
+def _check_parent(path: str, flag: str) -> None:
+    """Before any work: the nearest existing folder above `path` must be a writable folder."""
+    missing = _first_missing(path)
+    parent = os.path.dirname(missing if missing is not None else os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f'{flag} {path}: {parent} is a file, not a folder')
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -718,10 +727,7 @@ def cmd_export(args) -> int:
     _check_parent(out, '--onnx')
     model = snp_fast.load_pruned(args.dir)
     # exported and checked beside the destination, then renamed over it: a failed check leaves what was there
-    made = os.path.dirname(out)  # the outermost folder this export creates, removed again if it fails
-    while not os.path.exists(os.path.dirname(made)):
-        made = os.path.dirname(made)
-    made = None if os.path.exists(made) else made
+    made = _first_missing(out)  # the outermost folder this export creates, removed again if it fails
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.snp_fast_', suffix='.onnx', dir=os.path.dirname(out))
     os.close(fd)
