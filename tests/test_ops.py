@@ -294,8 +294,9 @@ def test_redundancy_extreme_row_norms(n):
                 check_redundancy(v, backend, precision)
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=requires_cuda)])
 @pytest.mark.parametrize('n', [6, 1500])  # one tile / several
-def test_redundancy_rows_whose_inverse_norm_is_not_a_normal_float(n):
+def test_redundancy_rows_whose_inverse_norm_is_not_a_normal_float(n, device):
     """‖w_i‖ < 2.9e-39 makes 1/‖w_i‖ overflow float32 (it once turned every score into NaN), ‖w_i‖ ~ 1e37
     makes it subnormal. A fixed tolerance, the reference included: check_redundancy's tolerance scales with
     the reference's own error, which is what let a reference with float32 norms pass such rows."""
@@ -306,10 +307,10 @@ def test_redundancy_rows_whose_inverse_norm_is_not_a_normal_float(n):
         v[1::3] *= scale
         for precision in ops.PRECISIONS:
             want = redundancy_oracle(v.to(torch.bfloat16) if precision == 'bf16' else v)
-            for backend in ['reference'] + backends_for('redundancy_scores'):
-                if backend == 'triton' and n > 300:
+            for backend in ['reference'] + backends_for('redundancy_scores', device):
+                if backend == 'triton' and n > 300 and device == 'cpu':
                     continue
-                got = ops.redundancy_scores(v, backend=backend, precision=precision)
+                got = ops.redundancy_scores(v.to(device), backend=backend, precision=precision).cpu()
                 assert_close_verbose(got, want, 16 * EPS32 * n, f'redundancy_scores[{backend}, {precision}] x{scale}')
 
 
