@@ -216,9 +216,9 @@ def structure_digest(recipe: dict) -> str:
 def read_format_json(path: str, fmt: str, what: str, error: type) -> dict:
     """A JSON object whose 'format' must be `fmt` (snp_fast's recipes and checkpoints); `error` otherwise."""
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             obj = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f'{path} is not valid JSON: {e}') from e
     if not isinstance(obj, dict) or obj.get('format') != fmt:
         raise error(f'{path}: unknown {what} format {obj.get("format") if isinstance(obj, dict) else None!r}'

@@ -499,6 +499,9 @@ def test_load_rejects_tampered_recipe(tmp_path):
     open(path, 'w').write('{not json')
     with pytest.raises(snp_fast.RecipeError, match='not valid JSON'):
         snp_fast.load_pruned(d)
+    open(path, 'wb').write(b'{"format": "\xff\xfe"}')  # not UTF-8: named like any other bad recipe
+    with pytest.raises(snp_fast.RecipeError, match='recipe.json is not valid JSON'):
+        snp_fast.load_pruned(d)
 
 
 def test_load_rejects_mismatched_weights(tmp_path):
