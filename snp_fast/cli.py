@@ -329,7 +329,7 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
     """(ratios dict for prune(), preset name or None, Allocation or None) from --preset/--ratios/--flops/--params."""
     from . import allocate as al
     from .models.vit import model_dims
-    from .ratios import resolve_ratios
+    from .ratios import preset_mismatch, resolve_ratios
     if args.round_to < 1:
         raise UsageError(f'--round-to must be >= 1, got {args.round_to}')
     if _is_efficientformer(model):
@@ -347,17 +347,16 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
             raise UsageError(str(e)) from None
         return a.ratios, None, a
     if args.preset:
-        from .presets import list_presets, load_preset
+        from .presets import list_presets
         if args.preset not in list_presets():
             raise UsageError(f'--preset {args.preset!r} is not a preset; available: {", ".join(list_presets())}')
         spec, where = args.preset, f'--preset {args.preset}'
-        preset = load_preset(args.preset)
-        if preset.get('family', 'vit') != 'vit':
-            raise UsageError(f'--preset {args.preset} is for the {preset["family"]} family, not this ViT-family model')
-        made_for = preset.get('model')
-        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
-        if made_for and arch and made_for != arch:
-            _log(f'warning: --preset {args.preset} was made for {made_for}, not {arch}')
+        try:
+            mismatch = preset_mismatch(args.preset, model_dims(model))
+        except ValueError as e:
+            raise UsageError(f'{where}: {e}') from None
+        if mismatch:
+            _log(f'warning: {where}: {mismatch}')
     else:
         spec, where = _read_ratios(args.ratios), f'--ratios {args.ratios}'
     try:

@@ -31,7 +31,7 @@ from . import __version__, ops
 from .macs import count_macs, count_params, meta_copy
 from .models import roles, vit
 from .models.vit import BlockSelection, ModelDims, Selection
-from .ratios import DROP_KEYS, resolve_ratios, target_dims
+from .ratios import DROP_KEYS, preset_mismatch, resolve_ratios, target_dims
 from .refit import DEFAULT_DAMP, LinearFit, RefitStats
 from .scores import (EMBED_CRITERIA, HEAD_CRITERIA, QK_CRITERIA, ROW_CRITERIA, check_criterion, head_energy,
                      head_output, qk_magnitude, row_scores, select_per_head, select_top, tss_average)
@@ -408,8 +408,10 @@ def prune(
     timer = _Timer()
     notes: List[str] = []
     dims_before = vit.model_dims(model)
-    if preset is not None:
-        _check_preset_model(preset, dims_before, notes)
+    mismatch = preset_mismatch(preset, dims_before) if preset is not None else None
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=2)
+        notes.append(mismatch)
     spec = resolve_ratios(preset if preset is not None else ratios, len(dims_before.blocks))
     if any(isinstance(spec[k], int) and spec[k] for k in DROP_KEYS):  # counts: the least contributing branches
         if calib is None:
@@ -500,32 +502,6 @@ def record(model, pruned, family: str, report_cls, timm_config, dims_before, dim
     }
     return report_cls(dims_before, dims_after, count_params(model), count_params(pruned), count_macs(model),
                       count_macs(pruned), timer.times, settings, refit_stats, notes)
-
-
-def _check_preset_model(name: str, dims: ModelDims, notes: List[str]) -> None:
-    """A preset's ratios were chosen for one architecture. Another family's preset, or one for another
-    depth, is refused; on other widths its ratios still apply but the MACs it quotes do not: a warning."""
-    from .presets import list_presets, load_preset
-    if name not in list_presets():
-        return  # (resolve_ratios names the available ones)
-    p = load_preset(name)
-    if p.get('family', 'vit') != 'vit':
-        raise ValueError(f"preset {name!r} is for {p.get('model')}, not a ViT")
-    import timm
-    try:
-        with torch.device('meta'):
-            want = vit.model_dims(timm.create_model(p['model']))
-    except Exception:  # (a timm without that model: nothing to compare with)
-        return
-    if len(want.blocks) != len(dims.blocks):
-        raise ValueError(f"preset {name!r} is for {p['model']} ({len(want.blocks)} blocks); this model has "
-                         f'{len(dims.blocks)}')
-    if want != dims:
-        msg = (f"preset {name!r} was chosen for {p['model']} (embedding {want.embed}, fc1 {want.blocks[0].mlp}); "
-               f"this model's widths differ (embedding {dims.embed}, fc1 {dims.blocks[0].mlp}): the ratios apply, "
-               'the MACs the preset quotes do not')
-        warnings.warn(msg, stacklevel=3)
-        notes.append(msg)
 
 
 def _prune(model, calib, dims_before, dims_after, timer, *, qk_criterion, v_criterion, mlp_criterion,

@@ -17,12 +17,12 @@ would remove every dim of a head keeps one (never zero): the count is clamped an
 """
 import math
 import warnings
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
-from .models.vit import BlockDims, ModelDims
+from .models.vit import BlockDims, ModelDims, model_dims
 from .presets import list_presets, load_preset
 
-__all__ = ['resolve_ratios', 'target_dims', 'keep_count']
+__all__ = ['resolve_ratios', 'target_dims', 'keep_count', 'preset_mismatch']
 
 RatioSpec = Union[float, str, Dict]
 _KEYS = ('qk', 'v', 'mlp', 'heads')
@@ -95,6 +95,32 @@ def resolve_ratios(spec: RatioSpec, depth: int) -> Dict:
                          'or "blocks"')
     per = {k: _check(spec.get(k, 0.0), k) for k in _KEYS}
     return {'blocks': [dict(per) for _ in range(depth)], 'embed': embed, **drops}
+
+
+def preset_mismatch(name: str, dims: ModelDims) -> Optional[str]:
+    """A preset's ratios were chosen for one architecture (its 'model'). Another family's preset, or one for
+    another depth, is refused (ValueError); on other widths its ratios still apply but the MACs it quotes do
+    not: that is returned, to be warned about (None: the preset's own widths, or an unknown name)."""
+    if name not in list_presets():
+        return None  # (resolve_ratios names the available ones)
+    p = load_preset(name)
+    if p.get('family', 'vit') != 'vit':
+        raise ValueError(f"preset {name!r} is for {p.get('model')}, not a ViT (the {p['family']} family)")
+    import timm
+    import torch
+    try:
+        with torch.device('meta'):
+            want = model_dims(timm.create_model(p['model']))
+    except Exception:  # noqa: BLE001 (a timm without that model: nothing to compare with)
+        return None
+    if len(want.blocks) != len(dims.blocks):
+        raise ValueError(f"preset {name!r} is for {p['model']} ({len(want.blocks)} blocks); this model has "
+                         f'{len(dims.blocks)}')
+    if want == dims:
+        return None
+    return (f"preset {name!r} was chosen for {p['model']} (embedding {want.embed}, fc1 {want.blocks[0].mlp}); "
+            f"this model's widths differ (embedding {dims.embed}, fc1 {dims.blocks[0].mlp}): the ratios apply, "
+            'the MACs the preset quotes do not')
 
 
 def _dropped(ratios: Dict, key: str) -> List[int]:
