@@ -156,8 +156,7 @@ class LinearFit:
             g.diagonal().add_(lam)
             delta = torch.linalg.lstsq(g.cpu(), self.rtx.t().cpu(), driver='gelsy').solution.t().to(g.device)
             del g
-        dw = delta  # (out, in[+1]) = ΔW (and Δb), row-major
-        d = dw.reshape(-1)
+        d = delta.reshape(-1)  # delta: (out, in[+1]) = ΔW (and Δb), row-major
         # ‖R − XΔ‖² = ‖R‖² − 2⟨Δ, XᵀR⟩ + ⟨Δ, GΔ⟩, and GΔ = XᵀR − λΔ at the solution
         cross, dd = d.dot(self.rtx.reshape(-1)), d.dot(d)
         if not bool(torch.isfinite(cross) & torch.isfinite(dd)):  # a non-finite Δ makes one of them so
@@ -167,7 +166,7 @@ class LinearFit:
             return RefitStats(self.tokens, before, before)
         # in place, computed in float64 (type promotion) and rounded once to the layer's dtype: no copies
         n_in = self.layer.in_features
-        self.layer.weight.data.add_(dw[:, :n_in])
+        self.layer.weight.data.add_(delta[:, :n_in])
         if self.bias:
-            self.layer.bias.data.add_(dw[:, n_in])
+            self.layer.bias.data.add_(delta[:, n_in])
         return RefitStats(self.tokens, before, after)

@@ -104,7 +104,9 @@ at::Tensor redundancy_scores_cpu(const at::Tensor& w, bool bf16) {
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         // divided in double: 1/‖w_i‖ itself can overflow float (‖w_i‖ < 2.9e-39) or lose bits as a subnormal
-        for (int64_t k = 0; k < m; ++k) p[i * m + k] = norm[i] > 0 ? static_cast<float>(p[i * m + k] / norm[i]) : 0.0f;
+        // (a zero row stays as it is)
+        if (norm[i] > 0)
+          for (int64_t k = 0; k < m; ++k) p[i * m + k] = static_cast<float>(p[i * m + k] / norm[i]);
         inv[i] = norm[i] > 0 ? 1.0f : 0.0f;
       }
     });
