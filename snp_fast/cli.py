@@ -400,10 +400,14 @@ def _efficientformer_ratio_spec(args, model):
         spec, where = args.preset, f'--preset {args.preset}'
     else:
         spec, where = _read_ratios(args.ratios), f'--ratios {args.ratios}'
+    dims = efficientformer.model_dims(model)
     try:
-        efficientformer.resolve_ratios(spec, efficientformer.model_dims(model))
+        efficientformer.resolve_ratios(spec, dims)
     except ValueError as e:
         raise UsageError(f'{where}: {e}') from None
+    mismatch = efficientformer.preset_mismatch(args.preset, dims) if args.preset else None
+    if mismatch:
+        _log(f'warning: {where}: {mismatch}')
     return spec, (args.preset or None), None
 
 

@@ -467,6 +467,7 @@ def eval_mode(model: nn.Module):
     finally:
         for n, m in model.named_modules():
             m.training = modes.get(n, m.training)
+        _drop_eval_caches(model)
 
 
 def copy_modes(pruned: nn.Module, modes: Dict[str, bool]) -> nn.Module:
@@ -474,7 +475,17 @@ def copy_modes(pruned: nn.Module, modes: Dict[str, bool]) -> nn.Module:
     top = modes.get('', False)
     for n, m in pruned.named_modules():
         m.training = modes.get(n, top)
+    _drop_eval_caches(pruned)
     return pruned
+
+
+def _drop_eval_caches(model: nn.Module) -> None:
+    # timm's attention-bias tables (EfficientFormer, LeViT, ...) are cached on an eval forward and cleared only
+    # by train(True); the flags above are set directly, so a cache of these runs would outlive later changes of
+    # the biases (training the original, loading weights into the pruned model)
+    for m in model.modules():
+        if isinstance(getattr(m, 'attention_bias_cache', None), dict):
+            m.attention_bias_cache = {}
 
 
 # prune() arguments recorded in the recipe's settings (with the resolved ratios and the calibration count)

@@ -194,6 +194,20 @@ def test_presets_hit_their_macs(preset, gmacs):
     macs = count_macs(ef.apply_dims(meta_copy(model), after))
     assert abs(macs / 1e9 - gmacs) <= .02 * gmacs, macs
     assert snp_fast.load_preset(preset)['model'] == 'efficientformer_l1'
+    assert ef.preset_mismatch(preset, dims) is None
+
+
+def test_a_preset_on_another_variant_warns_that_its_macs_do_not_apply(calib):
+    l7 = ef.model_dims(timm.create_model('efficientformer_l7', pretrained=False, device='meta'))
+    assert 'efficientformer_l1' in ef.preset_mismatch('efficientformer_l1_0p6G', l7)
+    with pytest.warns(UserWarning, match='chosen for efficientformer_l1.*the MACs the preset quotes do not'):
+        _, report = snp_fast.prune(tiny_efficientformer(), calib[:2], preset='efficientformer_l1_0p6G', refit=False)
+    assert any('chosen for efficientformer_l1' in n for n in report.notes)
+
+
+def test_the_adapter_takes_ratios_or_a_preset_not_both(calib):
+    with pytest.raises(ValueError, match='exactly one of ratios= or preset='):
+        ef.prune(tiny_efficientformer(), calib[:2], 0.0, preset='efficientformer_l1_0p6G')
 
 
 def test_prune_keeps_each_modules_training_flag(calib):
@@ -222,3 +236,21 @@ def test_head_refit_token_budget_without_pooling(calib):
 def test_per_block_ratios_must_be_dicts(calib):
     with pytest.raises(ValueError, match=r'blocks\[0\] must be a dict'):
         snp_fast.prune(tiny_efficientformer(), calib, {'blocks': [0.5] * 5})
+
+
+def test_no_eval_cache_outlives_prune(calib):
+    # timm's EfficientFormer attention caches its bias table on an eval forward and clears it only in train(True);
+    # prune() runs both models in eval mode and restores their flags, so a cache it left would survive a later
+    # change of the biases (training the original, loading weights into the pruned model)
+    m = tiny_efficientformer().train()
+    pruned, _ = snp_fast.prune(m, calib[:2], {'qk': .5, 'embed': .25})
+    for model in (m, pruned):
+        attns = [a for a in model.modules() if isinstance(a, timm.models.efficientformer.Attention)]
+        assert attns and all(not a.attention_bias_cache for a in attns)
+    with torch.no_grad():  # e.g. a training step of the original, then evaluation
+        for a in (a for a in m.modules() if isinstance(a, timm.models.efficientformer.Attention)):
+            a.attention_biases.normal_()
+    m.eval()
+    fresh = tiny_efficientformer().eval()
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(_run(m, calib[:1]), _run(fresh, calib[:1]))

@@ -19,8 +19,8 @@ Groups (fraction removed set by the ratios):
            self.scale, which is never recomputed).
   'v'      value filters per head (qkv rows, proj input columns), by redundancy.
   'heads'  whole heads of the attention (their q, k, v rows, proj columns and attention_biases row),
-           by head_criterion as for ViTs (default: each head's output norm through proj on the
-           calibration tokens); then SNP within the kept heads.
+           by head_criterion as for ViTs (default "snp": each head's attention-score energy; "output":
+           its output norm through proj on the calibration tokens); then SNP within the kept heads.
   'mlp'    hidden channels of every MLP: fc1 rows (+ its BatchNorm in Meta4D blocks) and fc2 columns.
   'embed'  the STAGE WIDTHS: one coupled group per stage, i.e. every tensor on that stage's residual
            path: the conv + BN producing it (stem conv2 / downsample), each block's fc2 (+BN) or proj
@@ -42,6 +42,7 @@ heads <-> zeroed proj / fc2 input columns; removed channels of a Meta4D stage <-
 downsample input columns (those stages have no LayerNorm). The last stage's width has no twin.
 """
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -200,6 +201,23 @@ def model_dims(model: nn.Module) -> EfficientFormerDims:
 
 # ------------------------------------------------------------------------------------------------
 # ratios -> widths
+
+def preset_mismatch(name: str, dims: EfficientFormerDims) -> Optional[str]:
+    """The EfficientFormer presets are uniform ratios: they apply to every variant, the MACs they quote only to
+    their own model. A warning for another variant (None: the preset's own widths and depth)."""
+    import timm
+    p = load_preset(name)
+    try:
+        with torch.device('meta'):
+            want = model_dims(timm.create_model(p['model']))
+    except Exception:  # noqa: BLE001 (a timm without that model: nothing to compare with)
+        return None
+    if want == dims:
+        return None
+    return (f"preset {name!r} was chosen for {p['model']} (stage widths {want.stages}, {len(want.blocks)} "
+            f'MetaBlocks); this model has stage widths {dims.stages} and {len(dims.blocks)} MetaBlocks: the ratios '
+            'apply, the MACs the preset quotes do not')
+
 
 def resolve_ratios(spec, dims: EfficientFormerDims) -> dict:
     """Any accepted ratio form -> {'stages': [r per stage], 'blocks': [{'qk','v','mlp','heads'}] per MetaBlock}.
@@ -521,6 +539,8 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     Returns (the pruned model, still a timm EfficientFormer, and an EfficientFormerReport).
     """
     args = dict(locals())  # first statement: exactly this function's arguments (recorded in the settings)
+    if (ratios is None) == (preset is None):
+        raise ValueError('give exactly one of ratios= or preset=')
     if embed_criterion == 'activation':
         raise ValueError('embed_criterion="activation" is not supported for EfficientFormer stage widths; use '
                          '"redundancy" or "magnitude"')
@@ -532,6 +552,10 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor] = None, ratios: Union[
     notes: List[str] = []
     dims_before = model_dims(model)
     spec = resolve_ratios(preset if preset is not None else ratios, dims_before)
+    mismatch = preset_mismatch(preset, dims_before) if preset is not None else None
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=3)  # (called through snp_fast.prune)
+        notes.append(mismatch)
     dims_after = target_dims(dims_before, spec, notes)
     heads_pruned = any(a.heads != b.heads for a, b in zip(dims_after.blocks, dims_before.blocks))
     needs_data = refit or qk_criterion == 'snp' or heads_pruned or 'activation' in (v_criterion, mlp_criterion)
