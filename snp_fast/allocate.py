@@ -192,9 +192,12 @@ def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: in
                          f'({format_quantity(original)}): nothing to prune')
     smallest = cost(S_MAX)
     if target < smallest * (1 - tol):
+        caps = (f'{MAX_RATIO:.0%} of {"v and fc1 dims (q/k stay whole on this model: RoPE / qk_norm)" if fixed_qk else "q/k, v and fc1 dims"}'
+                f' and {MAX_EMBED_RATIO:.0%} of the embedding removed'
+                + (f', widths rounded to multiples of {round_to}' if round_to > 1 else ''))
         raise ValueError(f'{flag} target {format_quantity(target)} {unit} is unreachable: the smallest model the '
-                         f'allocation rule makes ({MAX_RATIO:.0%} of q/k, v and fc1 dims and {MAX_EMBED_RATIO:.0%} of '
-                         f'the embedding removed) has {format_quantity(smallest)} (unpruned {format_quantity(original)})')
+                         f'allocation rule makes ({caps}) has {format_quantity(smallest)} (unpruned '
+                         f'{format_quantity(original)})' + ('; try a smaller --round-to' if round_to > 1 else ''))
     lo, hi = 0.0, S_MAX          # cost(lo) >= target >= cost(hi)
     best = min(((0.0, original), (S_MAX, smallest)), key=lambda sc: abs(sc[1] - target))
     for _ in range(iters):
@@ -232,32 +235,44 @@ def _cached_cost(cache: Dict[str, int], meta: nn.Module, dims: ModelDims, metric
 def _refine(dims: ModelDims, orig: ModelDims, achieved: int, target: float, tol: float, step: int, cost,
             rounds: int = 32) -> Tuple[ModelDims, int]:
     """Greedy: move the embedding or one block's fc1 width by one step (round_to) while that brings the
-    cost closer to the target; stops within tol/4 of the target or when no single move helps."""
+    cost closer to the target; stops within tol/4 of the target or when no single move helps. Widths stay
+    within the rule's caps (MAX_RATIO, MAX_EMBED_RATIO). Every block's fc1 step costs the same (same tokens,
+    same embedding), so fc1 moves go round-robin, deepest block first when removing (the rule prunes deeper
+    blocks more) and shallowest first when adding back, instead of piling onto one block."""
     import copy
+    floor_embed = _min_width(orig.embed, MAX_EMBED_RATIO, step)
+    moves: Dict[object, int] = {}
     for _ in range(rounds):
         if abs(achieved / target - 1) <= tol / 4:
             break
-        cands = []
+        cands = []  # (which width, dims after the move)
         for delta in (-step, step):
             e = dims.embed + delta
-            if step <= e <= orig.embed:
+            if floor_embed <= e <= orig.embed:
                 d = copy.deepcopy(dims)
                 d.embed = e
-                cands.append(d)
-            for i, (b, o) in enumerate(zip(dims.blocks, orig.blocks)):
-                m = b.mlp + delta
-                if min(step, o.mlp) <= m <= o.mlp:
-                    d = copy.deepcopy(dims)
-                    d.blocks[i].mlp = m
-                    cands.append(d)
-        scored = [(abs(cost(d) - target), cost(d), d) for d in cands]
-        if not scored:
+                cands.append(('embed', d))
+            fits = [i for i, (b, o) in enumerate(zip(dims.blocks, orig.blocks))  # (a dropped MLP stays dropped)
+                    if b.mlp and _min_width(o.mlp, MAX_RATIO, step) <= b.mlp + delta <= o.mlp]
+            if fits:
+                i = min(fits, key=lambda i: (moves.get(i, 0), -i if delta < 0 else i))
+                d = copy.deepcopy(dims)
+                d.blocks[i].mlp += delta
+                cands.append((i, d))
+        if not cands:
             break
-        err, c, d = min(scored, key=lambda x: x[0])
+        err, c, key, d = min(((abs(cost(d) - target), cost(d), key, d) for key, d in cands), key=lambda x: x[0])
         if err >= abs(achieved - target):
             break
         dims, achieved = d, c
+        moves[key] = moves.get(key, 0) + 1
     return dims, achieved
+
+
+def _min_width(width: int, max_ratio: float, step: int) -> int:
+    """The narrowest width a cap of max_ratio removed allows, in whole steps where the width has them."""
+    keep = width - int(math.floor(max_ratio * width + 0.5))  # as ratios.keep_count rounds
+    return keep if step > width else min(width, math.ceil(keep / step) * step)
 
 
 def rounded_ratios(model: nn.Module, spec, round_to: int) -> Tuple[Dict, ModelDims]:

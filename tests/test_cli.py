@@ -434,6 +434,23 @@ def test_allocate_deit_small_meta():
         al.allocate(m, 5e9)
 
 
+def test_allocate_nudges_stay_within_the_rules_caps():
+    """Coarse widths (round_to 32 on the digits ViT): the single-width nudges after the bisection spread over the
+    blocks (deepest first) within MAX_RATIO instead of removing 94 % of block 0's fc1."""
+    from snp_fast.demo import load_digits_vit
+    from snp_fast.macs import count_macs
+    m = load_digits_vit()
+    full = count_macs(m)
+    a = al.allocate(m, 0.7 * full, 'macs', round_to=32)
+    assert abs(a.rel_error) <= 0.02
+    assert all(b['mlp'] <= al.MAX_RATIO for b in a.ratios['blocks']) and a.ratios['embed'] <= al.MAX_EMBED_RATIO
+    fc1 = [b.mlp for b in a.dims.blocks]
+    assert fc1 == sorted(fc1, reverse=True), fc1  # deeper blocks keep no more than earlier ones
+    with pytest.raises(ValueError, match='rounded to multiples of 32.*try a smaller --round-to'):
+        al.allocate(m, 0.2 * full, 'macs', round_to=32)
+    assert abs(al.allocate(m, 0.2 * full, 'macs').rel_error) <= 0.02
+
+
 def test_bench_model_name_with_target(capsys):
     rc, text = main_rc(capsys, 'bench', TINY_NAME, '--model-kwargs', TINY_KW, '--flops', '1M', '--round-to', 4,
                        '--batch', '1', '--repeats', 1, '--warmup', 0, '--quiet')
