@@ -20,7 +20,12 @@ import json
 from importlib import resources
 from typing import List
 
-__all__ = ['list_presets', 'load_preset']
+__all__ = ['list_presets', 'load_preset', 'INFO_KEYS']
+
+# what a preset says besides its ratios: ignored by the ratio parsers, which refuse any other unknown key (a typo
+# of 'embed' or 'drop_mlp' must not pass for a description)
+INFO_KEYS = frozenset({'model', 'family', 'note', 'search', 'gmacs', 'target_gmacs', 'params_m', 'paper_gflops',
+                       'paper_top1', 'paper_top1_after_finetune'})
 
 
 def list_presets() -> List[str]:

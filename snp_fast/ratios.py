@@ -20,7 +20,7 @@ import warnings
 from typing import Dict, List, Optional, Union
 
 from .models.vit import BlockDims, ModelDims, model_dims
-from .presets import list_presets, load_preset
+from .presets import INFO_KEYS, list_presets, load_preset
 
 __all__ = ['resolve_ratios', 'target_dims', 'keep_count', 'preset_mismatch']
 
@@ -71,10 +71,13 @@ def resolve_ratios(spec: RatioSpec, depth: int) -> Dict:
     embed = _check(spec.get('embed', 0.0), 'embed')
     drops = {k: _check_drop(spec.get(k, []), k, depth) for k in DROP_KEYS}
     if 'blocks' in spec:
-        # presets carry descriptive keys beside 'blocks' and 'embed'; ratio keys there would be ignored
-        stray = set(spec) & set(_KEYS)
+        stray = set(spec) & set(_KEYS)  # they would be ignored
         if stray:
             raise ValueError(f'ratios has both "blocks" and {sorted(stray)}; give per-block ratios inside "blocks"')
+        unknown = set(spec) - {'blocks', 'embed', *DROP_KEYS} - INFO_KEYS
+        if unknown:
+            raise ValueError(f'ratios has unknown keys {sorted(unknown)}; expected "blocks", "embed", '
+                             f'{", ".join(repr(k) for k in DROP_KEYS)} (and a preset\'s descriptive keys)')
         blocks = spec['blocks']
         if not isinstance(blocks, (list, tuple)):
             raise ValueError(f'ratios "blocks" must be a list of one dict per block, got {type(blocks).__name__}')
@@ -89,7 +92,7 @@ def resolve_ratios(spec: RatioSpec, depth: int) -> Dict:
                 raise ValueError(f'ratios blocks[{i}] has unknown keys {sorted(unknown)}; expected {list(_KEYS)}')
             out.append({k: _check(b.get(k, 0.0), f'blocks[{i}].{k}') for k in _KEYS})
         return {'blocks': out, 'embed': embed, **drops}
-    unknown = set(spec) - set(_KEYS) - {'embed', *DROP_KEYS}
+    unknown = set(spec) - set(_KEYS) - {'embed', *DROP_KEYS} - INFO_KEYS
     if unknown:
         raise ValueError(f'ratios has unknown keys {sorted(unknown)}; expected {list(_KEYS) + ["embed", *DROP_KEYS]} '
                          'or "blocks"')

@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -531,6 +532,16 @@ def test_bad_ratios_are_refused(ratios, match):
     model = tiny('deit_tiny_patch16_224')
     with pytest.raises(ValueError, match=match):
         snp_fast.prune(model, images(2), ratios=ratios)
+
+
+def test_a_misspelled_key_beside_blocks_is_refused_and_a_loaded_preset_is_taken():
+    from snp_fast.ratios import resolve_ratios
+    blocks = [{'qk': .5}, {'qk': .25}]
+    for typo in ({'embedding': .5}, {'drop_mpl': [1]}):
+        with pytest.raises(ValueError, match=re.escape(f'unknown keys {sorted(typo)}')):
+            resolve_ratios({'blocks': blocks, **typo}, 2)
+    preset = snp_fast.load_preset('deit_small_patch16_224')  # with its description: model, note, ...
+    assert resolve_ratios(preset, 12) == resolve_ratios('deit_small_patch16_224', 12)
 
 
 def test_ratio_leaving_no_dims_keeps_one_and_says_so():

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..macs import meta_copy
-from ..presets import list_presets, load_preset
+from ..presets import INFO_KEYS, list_presets, load_preset
 from ..prune import (PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _row_scores, _run_captured,
                      _slice_into, _Timer, _token_subset, copy_modes, eval_mode, record, resolve_timm_config,
                      run_settings)
@@ -240,7 +240,7 @@ def resolve_ratios(spec, dims: EfficientFormerDims) -> dict:
         return {'stages': [r] * n_st, 'blocks': [dict(qk=r, v=r, mlp=r, heads=0.0) for _ in range(n_bl)]}
     if not isinstance(spec, dict):
         raise ValueError(f'ratios must be a float, a dict or a preset name, got {type(spec).__name__}')
-    unknown = set(spec) - set(RATIO_KEYS) - {'embed', 'blocks'}
+    unknown = set(spec) - set(RATIO_KEYS) - {'embed', 'blocks'} - INFO_KEYS  # (a loaded preset's description)
     if unknown:
         raise ValueError(f'ratios has unknown keys {sorted(unknown)}; expected {list(RATIO_KEYS) + ["embed"]} or '
                          '"blocks"')
