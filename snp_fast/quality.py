@@ -338,7 +338,10 @@ def methods(quick: bool, seeds: Sequence[int]) -> List[Method]:
     return out
 
 
-def _digits(n_calib_max: int = 256):
+CALIB_POOL = 256  # training images the calibration sets are drawn from (the sweep over calibration sizes tops out here)
+
+
+def _digits(n_calib_max: int = CALIB_POOL):
     from .demo import digits_data, load_digits_vit
     model = load_digits_vit()
     x_tr, _, x_te, y_te = digits_data()
@@ -390,7 +393,7 @@ def run_comparison(model, calib_pool, x_te, y_te, *, quick: bool, n_calib: int =
                                   'L2 + re-fit': evaluate(ref, _baseline('l2', True)(model, calib_pool[:n], ratios))}
         for name, sw in sweeps.items():
             log(f'[sweep {name}] done')
-    return dict(ref=ref, settings=settings, methods=ms, results=results, sweeps=sweeps, n_calib=n_calib,
+    return dict(ref=ref, settings=settings, methods=ms, results=results, sweeps=sweeps, n_calib=int(calib.shape[0]),
                 seeds=seeds, quick=quick)
 
 
@@ -700,7 +703,7 @@ KD_METHODS = ('random (seed 0)', 'L1 magnitude', 'L2 magnitude', 'SNP (default)'
 KD_DEFAULT = dict(epochs=3, batch_size=64, lr=2e-4)   # ~60 AdamW steps on ~1.2k images: "short"
 
 
-def _faces(n_calib_max: int = 256):
+def _faces(n_calib_max: int = CALIB_POOL):
     """The faces fixture: model, a calibration pool and the KD training set (the 150 training images in all
     four 24×24 crops, plain and mirrored: 1200 images), held-out top-left crops."""
     from .demo import faces_crop, faces_data, load_faces_vit
@@ -816,6 +819,9 @@ def main(argv=None) -> int:
     ap.add_argument('--heads', action='store_true', help='only the head-criterion comparison (markdown to --out or '
                     'stdout)')
     args = ap.parse_args(argv)
+    if not 1 <= args.calib <= CALIB_POOL:
+        ap.error(f'--calib {args.calib}: the calibration pool holds {CALIB_POOL} training images (seeded subset); '
+                 f'give 1 to {CALIB_POOL}')
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     try:

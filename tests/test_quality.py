@@ -133,6 +133,13 @@ def test_quick_comparison_runs(tmp_path):
     assert 'nan' not in md.lower()
 
 
+@pytest.mark.parametrize('n', ['0', str(Q.CALIB_POOL + 1)])
+def test_calibration_count_beyond_the_pool_is_refused(n, capsys):
+    with pytest.raises(SystemExit) as e:  # before: 1000 asked, 256 used, "1000 training images" printed
+        Q.main(['--quick', '--calib', n])
+    assert e.value.code == 2 and f'the calibration pool holds {Q.CALIB_POOL}' in capsys.readouterr().err
+
+
 def test_faces_fixture():
     """The second shipped fixture (tests/make_faces_checkpoint.py): a 6-block, 4-head timm ViT on
     scikit-image's face / non-face subset, with the held-out accuracy recorded in its metadata."""
