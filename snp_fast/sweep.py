@@ -510,6 +510,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.limit is not None and a.limit < 1:
         ap.error('--limit must be >= 1')
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if os.path.isdir(a.out) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        ap.error(f'--out {a.out}: ' + ('is a folder' if os.path.isdir(a.out) else f'cannot write into {out_dir}')
+                 + ' (checked before the sweep, which can take hours)')
+    import timm
+    unknown = [n for n in a.model or [] if not timm.is_model(n)]
+    if unknown:
+        ap.error(f'--model: not a timm model name: {", ".join(unknown)}')
     patterns = a.pattern or ([] if a.model else list(DEFAULT_PATTERNS))
     names = sorted(set(list_sweep_models(patterns) if patterns else []) | set(a.model or []))
     if a.limit:

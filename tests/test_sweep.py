@@ -181,6 +181,16 @@ def test_command_isolated(tmp_path):
     assert '| `deit_tiny_patch16_224` | ok |' in md and 'EfficientFormerV2 (efficientformerv2_*) is not supported' in md
 
 
+@pytest.mark.parametrize('where, args, match', [
+    ('missing_dir/cov.md', [], 'cannot write into'), ('.', [], 'is a folder'),
+    ('cov.md', ['--model', 'no_such_model'], 'not a timm model name: no_such_model')])
+def test_bad_output_or_model_name_is_refused_before_sweeping(tmp_path, capsys, where, args, match):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(['--model', 'deit_tiny_patch16_224', *args, '--out', str(tmp_path / where), '--no-isolate'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and 'sweeping' not in err
+
+
 @pytest.mark.slow
 def test_full_sweep():
     names = sweep.list_sweep_models()
