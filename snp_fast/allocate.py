@@ -34,7 +34,7 @@ import torch.nn as nn
 from .macs import count_macs, count_params, meta_copy
 from .models import vit
 from .models.vit import BlockDims, ModelDims
-from .ratios import resolve_ratios, target_dims
+from .ratios import DROP_KEYS, resolve_ratios, target_dims
 
 __all__ = ['Allocation', 'allocate', 'profile_ratios', 'round_dims', 'ratios_for_dims', 'dims_cost',
            'parse_quantity', 'format_quantity', 'MAX_RATIO', 'MAX_EMBED_RATIO', 'S_MAX']
@@ -278,9 +278,11 @@ def _min_width(width: int, max_ratio: float, step: int) -> int:
 def rounded_ratios(model: nn.Module, spec, round_to: int) -> Tuple[Dict, ModelDims]:
     """Any ratios spec (float, dict, preset name) with its widths rounded to multiples of round_to."""
     orig = vit.model_dims(model)
-    depth = len(orig.blocks)
-    dims = round_dims(orig, target_dims(orig, resolve_ratios(spec, depth), []), round_to)
-    return ratios_for_dims(orig, dims), dims
+    resolved = resolve_ratios(spec, len(orig.blocks))
+    # branches to drop given as a count: prune() picks them from calibration scores; round the other widths
+    counts = {k: resolved[k] for k in DROP_KEYS if isinstance(resolved[k], int)}
+    dims = round_dims(orig, target_dims(orig, {**resolved, **{k: [] for k in counts}}, []), round_to)
+    return {**ratios_for_dims(orig, dims), **counts}, dims
 
 
 def check_round_to(n: Optional[int]) -> int:

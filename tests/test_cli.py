@@ -418,6 +418,14 @@ def test_round_dims_and_exact_ratios():
     assert al.round_dims(small, ModelDims(5, [BlockDims(1, 3, 4, 2)]), 8) == ModelDims(5, [BlockDims(1, 3, 4, 2)])
 
 
+def test_rounding_keeps_a_drop_count_for_prune_to_resolve():
+    import timm
+    m = timm.create_model('deit_tiny_patch16_224', device='meta')
+    spec, dims = al.rounded_ratios(m, {'qk': .5, 'mlp': .3, 'drop_mlp': 2, 'drop_attn': [0]}, 8)
+    assert spec['drop_mlp'] == 2 and spec['drop_attn'] == [0]  # the count stays a count, the list a list
+    assert dims.blocks[0].heads == 0 and all(b.mlp % 8 == 0 and b.mlp for b in dims.blocks)
+
+
 def test_allocate_deit_small_meta():
     import timm
     m = timm.create_model('deit_small_patch16_224', device='meta')
