@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--teacher', metavar='MODEL', help='timm name of the unpruned teacher (default: the recipe\'s)')
     p.add_argument('--teacher-weights', metavar='PATH', help='teacher weights (.safetensors or a torch state dict); '
                    'default for --data digits/faces: the shipped fixture of that task')
-    _add_model_args(p)
+    p.add_argument('--model-kwargs', metavar='JSON', default=None,
+                   help='with --teacher-weights: timm.create_model keyword arguments for building the teacher, on '
+                        'top of the recipe\'s (the student is the pruned model as saved)')
     p.add_argument('--epochs', type=int, default=10)
     p.add_argument('--batch-size', type=int, default=64, metavar='N', help='global batch (all processes together)')
     p.add_argument('--lr', type=float, default=5e-4, help='peak AdamW learning rate (default 5e-4)')
@@ -919,8 +921,9 @@ def cmd_finetune(args) -> int:
             raise UsageError(str(e).replace('--checkpoint', '--teacher-weights')) from None
         how = os.path.abspath(args.teacher_weights)
     else:
-        if args.teacher:
-            raise UsageError('--teacher needs --teacher-weights (the shipped teacher is used without both)')
+        for flag, given in (('--teacher', args.teacher), ('--model-kwargs', args.model_kwargs)):
+            if given is not None:
+                raise UsageError(f'{flag} needs --teacher-weights (the shipped teacher is used without it)')
         teacher, how = shipped(), f'shipped {args.data} ViT'
     try:
         before = ModelDims.from_dict(recipe['dims_before'])

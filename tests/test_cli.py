@@ -582,7 +582,7 @@ def test_finetune_stop_and_resume(digits_pruned, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('case', ['no_dir', 'out_exists', 'no_checkpoint', 'bad_alpha', 'wrong_teacher',
-                                  'teacher_without_weights', 'bad_data', 'lr_inf', 'weight_decay_nan', 'out_is_file',
+                                  'teacher_without_weights', 'kwargs_without_weights', 'bad_data', 'lr_inf', 'weight_decay_nan', 'out_is_file',
                                   'ckpt_is_file', 'ckpt_inside_out', 'ckpt_under_file'])
 def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
     """Refused before any training (output paths included: they were found bad only after the last epoch)."""
@@ -607,6 +607,8 @@ def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
                            work / 'tiny.safetensors'], '--teacher-weights'),
         'teacher_without_weights': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--teacher',
                                      TINY_NAME], '--teacher-weights'),
+        'kwargs_without_weights': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--model-kwargs',
+                                    '{"img_size": 999}'], '--model-kwargs needs --teacher-weights'),
         'bad_data': (['finetune', d, '--data', 'imagenet'], '--data'),
         'lr_inf': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--lr', 'inf'], '--lr'),
         'weight_decay_nan': (['finetune', d, '--data', 'digits', '--out', tmp_path / 'o', '--weight-decay', 'nan'],
