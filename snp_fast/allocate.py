@@ -192,8 +192,8 @@ def allocate(model: nn.Module, target: float, metric: str = 'macs', round_to: in
                          f'({format_quantity(original)}): nothing to prune')
     smallest = cost(S_MAX)
     if target < smallest * (1 - tol):
-        caps = (f'{MAX_RATIO:.0%} of {"v and fc1 dims (q/k stay whole on this model: RoPE / qk_norm)" if fixed_qk else "q/k, v and fc1 dims"}'
-                f' and {MAX_EMBED_RATIO:.0%} of the embedding removed'
+        capped = 'v and fc1 dims (q/k stay whole on this model: RoPE / qk_norm)' if fixed_qk else 'q/k, v and fc1 dims'
+        caps = (f'{MAX_RATIO:.0%} of {capped} and {MAX_EMBED_RATIO:.0%} of the embedding removed'
                 + (f', widths rounded to multiples of {round_to}' if round_to > 1 else ''))
         raise ValueError(f'{flag} target {format_quantity(target)} {unit} is unreachable: the smallest model the '
                          f'allocation rule makes ({caps}) has {format_quantity(smallest)} (unpruned '
