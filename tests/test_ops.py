@@ -235,7 +235,9 @@ def check_redundancy(w, backend, precision='fp32'):
     assert_close_verbose(got, want, tol, f'redundancy_scores[{backend}, {precision}] {tuple(w.shape)} {w.dtype}')
 
 
-RED_SHAPES = [(1, 1), (1, 5), (2, 3), (7, 3), (13, 1), (31, 64), (300, 64), (1023, 77), (1024, 256), (2053, 37)]
+# (130, 300): within the Triton interpreter's budget, and more columns than its BLOCK_K (128): the K loop runs 3 times
+RED_SHAPES = [(1, 1), (1, 5), (2, 3), (7, 3), (13, 1), (31, 64), (130, 300), (300, 64), (1023, 77), (1024, 256),
+              (2053, 37)]
 
 
 @pytest.mark.parametrize('precision', ops.PRECISIONS)
@@ -357,7 +359,8 @@ def test_redundancy_all_zero():
 
 
 # --- gram -----------------------------------------------------------------------------------------
-GRAM_SHAPES = [(1, 1), (3, 2), (5, 300), (1, 513), (257, 700), (1000, 1023), (64, 1031), (37, 2309)]
+# (260, 150): within the Triton interpreter's budget, with more tokens than its BLOCK_T (128) and 2 × 2 tiles
+GRAM_SHAPES = [(1, 1), (3, 2), (5, 300), (1, 513), (260, 150), (257, 700), (1000, 1023), (64, 1031), (37, 2309)]
 
 
 def check_gram(x, backend, precision='fp32'):
