@@ -107,7 +107,8 @@ def test_pruned_attention_honours_attn_mask():
         assert (a - b).abs().max().item() <= 1e-5
         assert (a - pruned(x)).abs().max().item() > 1e-4  # the mask did something
         c = pruned.forward_features(x, is_causal=True)
-        assert torch.isfinite(c).all()
+        assert (c - twin.forward_features(x, is_causal=True)).abs().max().item() <= 1e-5
+        assert (c - pruned.forward_features(x)).abs().max().item() > 1e-4
 
 
 def test_magnitude_criteria_need_no_data():
@@ -808,12 +809,15 @@ def test_model_timm_cannot_rebuild_is_refused_at_save(tmp_path):
 def test_low_precision_models_prune(dtype):
     model = tiny('deit_tiny_patch16_224').to(dtype)
     x = images(4).to(dtype)
-    pruned, report = snp_fast.prune(model, x, ratios={'qk': 0.5, 'v': 0.5, 'mlp': 0.5, 'embed': 0.25})
+    ratios = {'qk': 0.5, 'v': 0.5, 'mlp': 0.5, 'embed': 0.25}
+    pruned, report = snp_fast.prune(model, x, ratios=ratios)
+    sliced, _ = snp_fast.prune(model, x, ratios=ratios, refit=False)
     assert next(pruned.parameters()).dtype == dtype and report.macs_after < report.macs_before
     with torch.no_grad():
-        ref, out = model(x).float(), pruned(x).float()
+        ref, out, out_sliced = model(x).float(), pruned(x).float(), sliced(x).float()
     assert torch.isfinite(out).all()
-    assert (out - ref).norm() < (ref - ref.mean()).norm()  # the re-fit keeps it close to the original
+    # the re-fit keeps it close to the original: measured 3e-4 (fp16) / 2e-3 (bf16) of the sliced model's error
+    assert (out - ref).norm() < 0.05 * (out_sliced - ref).norm()
 
 
 def test_other_criteria_gamma_and_token_budget():
