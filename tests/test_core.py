@@ -820,6 +820,40 @@ def test_low_precision_models_prune(dtype):
     assert (out - ref).norm() < 0.05 * (out_sliced - ref).norm()
 
 
+def test_prune_keeps_what_the_reference_scores_rank_highest():
+    """The selection, block by block, against the plain-PyTorch scores of the same activations and weights:
+    the literal Q/K formula with the given gamma, |cos| redundancy of the value filters (all heads compete,
+    per-head keep counts) and of fc1's rows. The slice == mask tests accept any selection; this one pins it."""
+    from snp_fast.ops import reference
+
+    def top(scores, keep):  # the highest `keep` scores (per row), ascending indices; not snp_fast's own helpers
+        return scores.argsort(dim=-1, descending=True)[..., :keep].sort(dim=-1).values
+
+    model = tiny('deit_tiny_patch16_224')
+    x = images(4)
+    qkv_out = {}
+    hooks = [blk.attn.qkv.register_forward_hook(lambda m, i, o, j=j: qkv_out.__setitem__(j, o.detach()))
+             for j, blk in enumerate(model.blocks)]
+    with torch.no_grad():
+        model(x)  # (no embedding pruned and no re-fit: every block's scores come from these activations)
+    for h in hooks:
+        h.remove()
+    gamma = 1
+    pruned, _ = snp_fast.prune(model, x, ratios={'qk': .5, 'v': .5, 'mlp': .5}, gamma=gamma, refit=False)
+    for j, (blk, sel) in enumerate(zip(model.blocks, pruned.snp_recipe['selection']['blocks'])):
+        H, d = blk.attn.num_heads, blk.attn.head_dim
+        q, k, _ = qkv_out[j].view(4, -1, 3, H, d).permute(2, 0, 3, 1, 4)
+        scores = reference.qk_scores_literal(q, k, gamma)
+        assert torch.equal(torch.tensor(sel['qk']), top(scores, d // 2)), f'blocks.{j} q/k'
+        # gamma reaches the scores: with every component (the default, gamma = kept dims) another selection
+        assert not torch.equal(top(reference.qk_scores_literal(q, k, d // 2), d // 2), torch.tensor(sel['qk']))
+        v_rows = blk.attn.qkv.weight[2 * H * d:]
+        v_scores = reference.redundancy_scores_full(v_rows).view(H, d)
+        assert torch.equal(torch.tensor(sel['v']), top(v_scores, d // 2)), f'blocks.{j} v'
+        fc1_scores = reference.redundancy_scores_full(blk.mlp.fc1.weight)
+        assert torch.equal(torch.tensor(sel['mlp']), top(fc1_scores, blk.mlp.fc1.out_features // 2))
+
+
 def test_other_criteria_gamma_and_token_budget():
     model = tiny('deit3_small_patch16_224')
     x = images(4)
