@@ -83,14 +83,14 @@ def test_timeout(monkeypatch):
     def slow(*a, **k):
         import time
         t = time.time()
-        while time.time() - t < 20:
+        while time.time() - t < 60:
             pass
     monkeypatch.setattr(snp_fast, 'prune', slow)
     # one untimed build first: the lazy imports a first build does (torch imports sympy) then lie behind us, and
     # the alarm lands in the stubbed prune whatever ran before this test
     sweep._build('deit_tiny_patch16_224', sweep.DEPTH, sweep.MIN_IMG, 0, dict(sweep.DEFAULT_RATIOS))
     r = sweep.sweep_model('deit_tiny_patch16_224', timeout=2.0)  # the build takes ~0.3 s, more on a busy machine
-    assert (r.status, r.phase) == ('timeout', 'prune') and r.seconds < 10
+    assert (r.status, r.phase) == ('timeout', 'prune') and r.seconds < 30  # cut at ~2 s, not after the 60 s
 
 
 def test_timeout_inside_a_probe_is_not_swallowed(monkeypatch):
