@@ -94,3 +94,15 @@ def test_cuda_qk_scores_matches_literal():
     expected = reference.qk_scores_literal(q, k, 32, compute_dtype=torch.float64)
     got = ops.qk_scores(q.cuda().float(), k.cuda().float(), 32, backend='cuda').cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dxd_op_keeps_every_component_like_the_literal_formula():
+    """γ = d against the literal formula (test_dxd_op_matches_literal compares γ = d with the same route in
+    torch): N ≫ d Gaussian q and k, whose smallest singular values sit far above the 1e-4·σ₁ cut."""
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(2, 2, 400, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    s = torch.linalg.svdvals(q @ k.transpose(-1, -2))[..., :16]
+    assert (s[..., -1] > 1e-2 * s[..., 0]).all()  # (the premise: no component near the cut)
+    expected = reference.qk_scores_literal(q, k, 16, compute_dtype=torch.float64)
+    got = torch.ops.snp_fast.qk_scores_dxd(q.float(), k.float(), 16)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
