@@ -553,7 +553,7 @@ def supported_defaults(c: dict) -> List[str]:
 
 
 def check_targets(c: dict) -> List[str]:
-    ref, results, seeds = c['ref'], c['results'], c['seeds']
+    ref, results = c['ref'], c['results']
     out = []
     res = results['qkv50']
     snp = res['SNP (default) + re-fit']

@@ -2,7 +2,6 @@
 import copy
 import importlib
 import json
-import math
 import os
 import re
 import warnings

@@ -7,7 +7,6 @@ CUDA tests are skipped without a GPU; Triton kernels run under TRITON_INTERPRET=
 on small shapes.
 """
 import itertools
-import os
 
 import pytest
 import torch
