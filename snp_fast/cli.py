@@ -328,7 +328,8 @@ def load_checkpoint(model, path: str) -> None:
 
 
 def _ratio_spec(args, model, flag_prefix: str = ''):
-    """(ratios dict for prune(), preset name or None, Allocation or None) from --preset/--ratios/--flops/--params."""
+    """(ratios dict for prune(), preset name or None, Allocation or None, the preset's width warning or None) from
+    --preset/--ratios/--flops/--params."""
     from . import allocate as al
     from .models.vit import model_dims
     from .ratios import preset_mismatch, resolve_ratios
@@ -347,7 +348,7 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
             a = al.allocate(model, target, metric, round_to=args.round_to)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return a.ratios, None, a
+        return a.ratios, None, a, None
     if args.preset:
         from .presets import list_presets
         if args.preset not in list_presets():
@@ -360,14 +361,14 @@ def _ratio_spec(args, model, flag_prefix: str = ''):
         if mismatch:
             _log(f'warning: {where}: {mismatch}')
     else:
-        spec, where = _read_ratios(args.ratios), f'--ratios {args.ratios}'
+        spec, where, mismatch = _read_ratios(args.ratios), f'--ratios {args.ratios}', None
     try:
         resolved = resolve_ratios(spec, depth)
         if args.round_to > 1:
             resolved, _ = al.rounded_ratios(model, resolved, args.round_to)
     except ValueError as e:
         raise UsageError(f'{where}: {e}') from None
-    return resolved, (args.preset or None), None
+    return resolved, (args.preset or None), None, mismatch
 
 
 def _read_ratios(path: str):
@@ -410,7 +411,7 @@ def _efficientformer_ratio_spec(args, model):
     mismatch = efficientformer.preset_mismatch(args.preset, dims) if args.preset else None
     if mismatch:
         _log(f'warning: {where}: {mismatch}')
-    return spec, (args.preset or None), None
+    return spec, (args.preset or None), None, mismatch
 
 
 def _resolve_device(name: str):
@@ -526,7 +527,7 @@ def cmd_prune(args) -> int:
     if args.plot and any(type(b.attn).__name__ != 'Attention' for b in meta.blocks):
         raise UsageError(f'--plot reads q and k from timm\'s plain Attention; {args.model} has '
                          f'{type(meta.blocks[0].attn).__name__} (RoPE / fused variants are not drawn)')
-    ratios, preset, alloc = _ratio_spec(args, meta)
+    ratios, preset, alloc, preset_note = _ratio_spec(args, meta)
     if alloc is not None:
         _log(alloc.describe())
 
@@ -560,8 +561,11 @@ def cmd_prune(args) -> int:
     finally:
         prog.close()
     if preset is not None:
-        # the recipe/report record the resolved ratios; name the preset too
+        # the recipe/report record the resolved ratios; name the preset too (and, as prune(preset=) would, that
+        # its quoted MACs are another model's)
         report.settings['preset'] = preset
+        if preset_note:
+            report.notes.append(preset_note)
     png = None
     t_plot = 0.0
     if args.plot:
@@ -678,7 +682,7 @@ def cmd_bench(args) -> int:
         pruned = None
         what = f'{args.target} (random weights)'
         if has_spec:
-            ratios, preset, alloc = _ratio_spec(args, original)
+            ratios, preset, alloc, _ = _ratio_spec(args, original)
             if alloc is not None:
                 _log(alloc.describe())
             if _is_efficientformer(original):

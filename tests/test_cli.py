@@ -137,6 +137,17 @@ def test_prune_deit_tiny_preset(work):
     assert rep['settings']['preset'] == 'deit_tiny_patch16_224'
 
 
+def test_preset_on_other_widths_warns_and_says_so_in_the_report(tmp_path, capsys):
+    out = tmp_path / 'o'
+    rc, text = main_rc(capsys, 'prune', 'deit_tiny_patch16_224', '--model-kwargs',
+                       '{"embed_dim": 96, "num_heads": 3, "img_size": 32, "patch_size": 8}', '--preset',
+                       'deit_tiny_patch16_224', '--num-calib', 2, '--no-refit', '--out', out, '--quiet')
+    assert rc == 0, text
+    assert 'warning: --preset deit_tiny_patch16_224' in text and 'the MACs the preset quotes do not' in text
+    rep = json.loads((out / 'report.json').read_text())
+    assert any('the MACs the preset quotes do not' in n for n in rep['notes'])
+
+
 def test_prune_and_inspect_efficientformer(work):
     """The second family through the command line: an EfficientFormer preset, then inspect of its recipe."""
     out = work / 'out_ef'
