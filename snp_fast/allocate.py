@@ -261,8 +261,8 @@ def _refine(dims: ModelDims, orig: ModelDims, achieved: int, target: float, tol:
                 cands.append((i, d))
         if not cands:
             break
-        err, c, key, d = min(((abs(cost(d) - target), cost(d), key, d) for key, d in cands), key=lambda x: x[0])
-        if err >= abs(achieved - target):
+        c, key, d = min(((cost(d), key, d) for key, d in cands), key=lambda x: abs(x[0] - target))
+        if abs(c - target) >= abs(achieved - target):
             break
         dims, achieved = d, c
         moves[key] = moves.get(key, 0) + 1

@@ -18,9 +18,12 @@ models/efficientformer.resolve_ratios reads them):
 """
 import json
 from importlib import resources
-from typing import List
+from typing import TYPE_CHECKING, List, Optional
 
-__all__ = ['list_presets', 'load_preset', 'INFO_KEYS']
+if TYPE_CHECKING:  # (torch and timm are imported when a preset's model is built, not with the presets)
+    import torch
+
+__all__ = ['list_presets', 'load_preset', 'preset_model', 'INFO_KEYS']
 
 # what a preset says besides its ratios: ignored by the ratio parsers, which refuse any other unknown key (a typo
 # of 'embed' or 'drop_mlp' must not pass for a description)
@@ -39,3 +42,15 @@ def load_preset(name: str) -> dict:
         raise ValueError(f'unknown preset {name!r}; available: {list_presets()}')
     with resources.files('snp_fast').joinpath('presets', f'{name}.json').open() as f:
         return json.load(f)
+
+
+def preset_model(preset: dict) -> Optional['torch.nn.Module']:
+    """The model a preset was chosen for (its 'model'), built on the meta device (no memory, no weights), to
+    compare widths with; None where this timm cannot build it (nothing to compare with)."""
+    import timm
+    import torch
+    try:
+        with torch.device('meta'):
+            return timm.create_model(preset['model'])
+    except Exception:  # noqa: BLE001
+        return None

@@ -20,7 +20,7 @@ import warnings
 from typing import Dict, List, Optional, Union
 
 from .models.vit import BlockDims, ModelDims, model_dims
-from .presets import INFO_KEYS, list_presets, load_preset
+from .presets import INFO_KEYS, list_presets, load_preset, preset_model
 
 __all__ = ['resolve_ratios', 'target_dims', 'keep_count', 'preset_mismatch']
 
@@ -109,13 +109,10 @@ def preset_mismatch(name: str, dims: ModelDims) -> Optional[str]:
     p = load_preset(name)
     if p.get('family', 'vit') != 'vit':
         raise ValueError(f"preset {name!r} is for {p.get('model')}, not a ViT (the {p['family']} family)")
-    import timm
-    import torch
-    try:
-        with torch.device('meta'):
-            want = model_dims(timm.create_model(p['model']))
-    except Exception:  # noqa: BLE001 (a timm without that model: nothing to compare with)
+    made_for = preset_model(p)
+    if made_for is None:
         return None
+    want = model_dims(made_for)
     if len(want.blocks) != len(dims.blocks):
         raise ValueError(f"preset {name!r} is for {p['model']} ({len(want.blocks)} blocks); this model has "
                          f'{len(dims.blocks)}')

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..macs import meta_copy
-from ..presets import INFO_KEYS, list_presets, load_preset
+from ..presets import INFO_KEYS, list_presets, load_preset, preset_model
 from ..prune import (PruneReport, _apply, _chunks, _finite, _fit, _refit_heads, _row_scores, _run_captured,
                      _slice_into, _Timer, _token_subset, copy_modes, eval_mode, record, resolve_timm_config,
                      run_settings)
@@ -205,13 +205,11 @@ def model_dims(model: nn.Module) -> EfficientFormerDims:
 def preset_mismatch(name: str, dims: EfficientFormerDims) -> Optional[str]:
     """The EfficientFormer presets are uniform ratios: they apply to every variant, the MACs they quote only to
     their own model. A warning for another variant (None: the preset's own widths and depth)."""
-    import timm
     p = load_preset(name)
-    try:
-        with torch.device('meta'):
-            want = model_dims(timm.create_model(p['model']))
-    except Exception:  # noqa: BLE001 (a timm without that model: nothing to compare with)
+    made_for = preset_model(p)
+    if made_for is None:
         return None
+    want = model_dims(made_for)
     if want == dims:
         return None
     return (f"preset {name!r} was chosen for {p['model']} (stage widths {want.stages}, {len(want.blocks)} "
