@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import snp_fast
-from snp_fast.models import efficientformer as ef
+from snp_fast.families import efficientformer as ef
 
 PRESETS = ('efficientformer_l1_0p6G', 'efficientformer_l1_0p5G')
 

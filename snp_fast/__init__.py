@@ -6,15 +6,19 @@
 
 Query/key filters are ranked by how much they preserve the top singular components of QKᵀ on
 calibration images, value and FFN filters by redundancy, residual-stream channels as one coupled
-group; every pruned Linear is then re-fit by least squares to the original model's outputs.
+group; every pruned Linear is then re-fit by least squares to the original model's outputs
+(docs/METHOD.md).
 """
-__version__ = '0.1.0'
-
-from .macs import count_macs, count_params  # noqa: E402
-from .models.vit import PrunedAttention, UnsupportedModelError  # noqa: E402
-from .presets import list_presets, load_preset  # noqa: E402
-from .prune import PruneReport, prune  # noqa: E402
-from .io import RecipeError, load_pruned, save_pruned  # noqa: E402
+from .version import __version__
+from .families import UnsupportedModelError, families, family_of
+from .families.vit import PrunedAttention
+from .io import RecipeError, load_pruned, save_pruned
+from .macs import count_macs, count_params
+from .pipeline import prune
+from .presets import list_presets, load_preset
+from .report import PruneReport
+from .selection import Group, Selector
 
 __all__ = ['prune', 'PruneReport', 'save_pruned', 'load_pruned', 'RecipeError', 'count_macs', 'count_params',
-           'list_presets', 'load_preset', 'PrunedAttention', 'UnsupportedModelError', '__version__']
+           'list_presets', 'load_preset', 'PrunedAttention', 'UnsupportedModelError', 'Selector', 'Group', 'families',
+           'family_of', '__version__']

@@ -32,9 +32,9 @@ from typing import Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from .macs import count_macs, count_params, meta_copy
-from .models import vit
-from .models.vit import BlockDims, ModelDims
-from .ratios import DROP_KEYS, resolve_ratios, target_dims
+from .families import vit
+from .families.vit import BlockDims, ModelDims
+from .families.vit import DROP_KEYS, resolve_ratios, target_dims
 
 __all__ = ['Allocation', 'allocate', 'profile_ratios', 'round_dims', 'ratios_for_dims', 'dims_cost',
            'parse_quantity', 'format_quantity', 'MAX_RATIO', 'MAX_EMBED_RATIO', 'S_MAX']

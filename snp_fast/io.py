@@ -16,7 +16,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .models import vit
+from .families import family_for_recipe
+from .report import RECIPE_FORMAT
 
 __all__ = ['save_pruned', 'load_pruned', 'infer_timm_config', 'RecipeError']
 
@@ -92,14 +93,6 @@ def _difference(model: nn.Module, skeleton: nn.Module, built: str) -> str:
     return ''
 
 
-def _adapter(recipe: dict):
-    """The model-family module (models.vit or models.efficientformer) that rebuilds this recipe's architecture."""
-    if recipe.get('family') == 'efficientformer':
-        from .models import efficientformer
-        return efficientformer
-    return vit
-
-
 def _build_skeleton(recipe: dict) -> nn.Module:
     import timm
     name, kwargs = recipe.get('timm_name'), recipe.get('timm_kwargs') or {}
@@ -110,7 +103,7 @@ def _build_skeleton(recipe: dict) -> nn.Module:
         model = timm.create_model(name, pretrained=False, device='meta', **kwargs)
     except Exception as e:  # noqa: BLE001 -- any timm failure means the recipe does not describe a model
         raise RecipeError(f'timm could not build {name!r} with {kwargs}: {e}') from e
-    _adapter(recipe).check_supported(model)
+    family_for_recipe(recipe).check_supported(model)
     return model
 
 
@@ -227,7 +220,6 @@ def read_format_json(path: str, fmt: str, what: str, error: type) -> dict:
 
 
 def load_recipe(directory: str) -> dict:
-    from .prune import RECIPE_FORMAT
     path = os.path.join(directory, RECIPE)
     if not os.path.isfile(path):
         raise RecipeError(f'{path} not found: {directory} is not a directory written by snp_fast.save_pruned')
@@ -269,18 +261,22 @@ def load_pruned(directory: str, device='cpu') -> nn.Module:
     wpath = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(wpath):
         raise RecipeError(f'{wpath} not found')
+    try:
+        family = family_for_recipe(recipe)
+    except ValueError as e:
+        raise RecipeError(f'{directory}/{RECIPE}: {e}') from None
     model = _build_skeleton(recipe)
     try:
-        dims = _adapter(recipe).ModelDims
+        dims = family.dims_type
         before, after = dims.from_dict(recipe['dims_before']), dims.from_dict(recipe['dims_after'])
     except (KeyError, TypeError, ValueError) as e:
         raise RecipeError(f'{directory}/{RECIPE}: malformed dims: {e}') from e
-    built = _adapter(recipe).model_dims(model)
+    built = family.model_dims(model)
     if built != before:
         raise RecipeError(f'{directory}/{RECIPE}: timm built {recipe["timm_name"]} with widths {built.to_dict()} '
                           f'but the recipe was pruned from {before.to_dict()}')
     try:
-        _adapter(recipe).apply_dims(model, after)
+        family.apply_dims(model, after)
     except ValueError as e:
         raise RecipeError(f'{directory}/{RECIPE}: {e}') from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

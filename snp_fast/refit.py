@@ -1,4 +1,4 @@
-"""Least-squares re-fit of a pruned Linear to the original layer's outputs (SNP.md, "Compensation").
+"""Least-squares re-fit of a pruned Linear to the original layer's outputs (docs/METHOD.md, "The re-fit").
 
 For inputs X_S (the kept input columns, plus a ones column for the bias) and targets Y (the original
 layer's outputs at the kept output rows), the re-fit solves
@@ -13,14 +13,15 @@ Gram matrix streams in over calibration batches (a symmetric rank-k update, ops.
 solve runs in fp64 by Cholesky (LAPACK in place on the CPU: cholesky_solve_).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from . import ops
+from .capture import Call, release_heap, run_captured, token_subset
 
-__all__ = ['LinearFit', 'RefitStats', 'DEFAULT_DAMP', 'cholesky_solve_']
+__all__ = ['LinearFit', 'RefitStats', 'DEFAULT_DAMP', 'cholesky_solve_', 'fit', 'fit_constant', 'refit_heads']
 
 DEFAULT_DAMP = 1e-4
 
@@ -170,3 +171,58 @@ class LinearFit:
         if self.bias:
             self.layer.bias.data.add_(delta[:, n_in])
         return RefitStats(self.tokens, before, after)
+
+
+def fit(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, rows: Optional[torch.Tensor], damp: float,
+        pred: Optional[torch.Tensor] = None) -> RefitStats:
+    """Re-fit `layer` in place from inputs x (..., in) to targets y (..., out) on the token rows `rows` (None:
+    all); pred = the layer's current output on x when the caller has it. A zero-width layer (a dropped
+    branch) gets its bias set to the mean target."""
+    release_heap()  # the solve's fresh n×n float64 matrices should not come on top of what earlier fits freed
+    x = x.reshape(y.shape[:-1].numel(), x.shape[-1])  # not (-1, 0): a dropped branch's input has zero width
+    y = y.reshape(-1, y.shape[-1])
+    pred = None if pred is None else pred.reshape(-1, pred.shape[-1])
+    if rows is not None:
+        rows = rows.to(x.device)
+        x, y = x.index_select(0, rows), y.index_select(0, rows)
+        pred = None if pred is None else pred.index_select(0, rows)
+    if layer.in_features == 0:
+        return fit_constant(layer, y)
+    lf = LinearFit(layer)
+    lf.add(x, y, pred)
+    return lf.solve(damp)
+
+
+@torch.no_grad()
+def fit_constant(layer: nn.Linear, y: torch.Tensor) -> RefitStats:
+    """The re-fit of a zero-width layer (a dropped branch): its bias becomes the mean target."""
+    y = y.double()
+    yy = y.pow(2).sum().clamp_min(torch.finfo(torch.float64).tiny)
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(y[0])
+    before = float((y - b).pow(2).sum() / yy)
+    if layer.bias is None:
+        return RefitStats(y.shape[0], before, before)
+    mean = y.mean(0)
+    layer.bias.data.copy_(mean.to(layer.bias.dtype))
+    return RefitStats(y.shape[0], before, float((y - mean).pow(2).sum() / yy))
+
+
+@torch.no_grad()
+def refit_heads(model: nn.Module, pruned: nn.Module, x: torch.Tensor, xp: torch.Tensor, damp: float,
+                refit_tokens: Optional[int], gen: torch.Generator, batch: int, stats: Dict[str, RefitStats]) -> None:
+    """Re-fit what reads the final stream (an attention pool's kv, the classifier heads) to the original's
+    outputs, from the pruned model's final hidden states."""
+    head_fn = lambda m: (lambda t: m.forward_head(m.norm(t)))  # noqa: E731
+    if getattr(pruned, 'attn_pool', None) is not None:  # the pool reads the pruned stream through kv: re-fit it first
+        _, orig = run_captured(Call(head_fn(model)), x, {'kv': (model.attn_pool.kv, 'out')}, batch)
+        _, new = run_captured(Call(head_fn(pruned)), xp, {'kv': (pruned.attn_pool.kv, 'in')}, batch)
+        rows = token_subset(orig['kv'].shape[0] * orig['kv'].shape[1], refit_tokens, gen)
+        stats['attn_pool.kv'] = fit(pruned.attn_pool.kv, new['kv'], orig['kv'], rows, damp)
+    names = [n for n in ('head', 'head_dist') if isinstance(getattr(model, n, None), nn.Linear)]
+    if not names:
+        return
+    _, orig = run_captured(Call(head_fn(model)), x, {n: (getattr(model, n), 'out') for n in names}, batch)
+    _, new = run_captured(Call(head_fn(pruned)), xp, {n: (getattr(pruned, n), 'in') for n in names}, batch)
+    for n in names:
+        rows = token_subset(new[n].shape[:-1].numel(), refit_tokens, gen)  # (B, C) pooled, (B, N, C) with no pooling
+        stats[n] = fit(getattr(pruned, n), new[n], orig[n], rows, damp)

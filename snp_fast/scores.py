@@ -1,4 +1,4 @@
-"""Pruning criteria: one score per filter, high = keep (SNP.md, "Scores").
+"""Pruning criteria: one score per filter, high = keep (docs/METHOD.md, "Criteria").
 
 Q/K pairs:   "snp" (attention-score preservation on calibration q/k), "magnitude" (‖W_q,i‖·‖W_k,i‖).
 V and FFN:   "redundancy" (Σ_l 1 − |cos|, the paper's), "magnitude" (row L2 norm),

@@ -15,7 +15,7 @@ import torch
 import snp_fast
 from snp_fast import allocate as al
 from snp_fast import cli
-from snp_fast.models.vit import BlockDims, ModelDims
+from snp_fast.families.vit import BlockDims, ModelDims
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 TINY_NAME = 'vit_tiny_patch16_224'
@@ -423,7 +423,7 @@ def test_round_dims_and_exact_ratios():
     r = al.round_dims(orig, dims, 8)
     assert r.embed == 304 and [(b.qk, b.v, b.mlp) for b in r.blocks] == [(24, 64, 1000), (8, 16, 8)]
     spec = al.ratios_for_dims(orig, r)
-    from snp_fast.ratios import resolve_ratios, target_dims
+    from snp_fast.families.vit import resolve_ratios, target_dims
     assert target_dims(orig, resolve_ratios(spec, 2), []) == r
     small = ModelDims(6, [BlockDims(1, 4, 4, 4)])
     assert al.round_dims(small, ModelDims(5, [BlockDims(1, 3, 4, 2)]), 8) == ModelDims(5, [BlockDims(1, 3, 4, 2)])

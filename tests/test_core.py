@@ -14,9 +14,9 @@ import torch.nn as nn
 import snp_fast
 import snp_fast.refit
 from snp_fast.macs import meta_copy
-from snp_fast.models import vit
+from snp_fast.families import vit
 from snp_fast.ops import reference
-from snp_fast.ratios import resolve_ratios, target_dims
+from snp_fast.families.vit import resolve_ratios, target_dims
 from snp_fast.refit import LinearFit
 
 pytestmark = pytest.mark.filterwarnings('ignore:snp_fast. .*reference')
@@ -61,9 +61,9 @@ def masked_twin(model, selection):
         for blk, sel in zip(twin.blocks, selection['blocks']):
             H, d = blk.attn.num_heads, blk.attn.head_dim
             keep_q = torch.zeros(H * d, dtype=torch.bool)
-            keep_q[vit._head_rows(torch.tensor(sel['qk']), d)] = True
+            keep_q[vit.head_rows(torch.tensor(sel['qk']), d)] = True
             keep_v = torch.zeros(H * d, dtype=torch.bool)
-            keep_v[vit._head_rows(torch.tensor(sel['v']), d)] = True
+            keep_v[vit.head_rows(torch.tensor(sel['v']), d)] = True
             keep_rows = torch.cat([keep_q, keep_q, keep_v])
             blk.attn.qkv.weight[~keep_rows] = 0
             if blk.attn.qkv.bias is not None:
@@ -298,10 +298,10 @@ def test_refit_reproduces_output_when_removed_filter_is_collinear():
 
 def test_phase_timer_nests_without_double_counting(monkeypatch):
     """An inner phase pauses the outer one: each second is counted once, on the innermost open phase."""
-    P = importlib.import_module('snp_fast.prune')  # (the package's prune() hides the module's name)
+    P = importlib.import_module('snp_fast.report')
     clock = iter([0.0, 2.0, 7.0, 9.0, 10.0, 13.0])  # enter sel, enter red, leave red, leave sel, enter/leave qk
     monkeypatch.setattr(P.time, 'perf_counter', lambda: next(clock))
-    timer = P._Timer()
+    timer = P.Timer()
     with timer('selection'):
         with timer('redundancy'):
             pass
@@ -382,8 +382,8 @@ def test_refit_never_increases_layer_error():
     e = torch.tensor(pruned.snp_recipe['selection']['embed'])
     sel = pruned.snp_recipe['selection']['blocks'][0]
     H, d = 6, 64
-    q_rows = vit._head_rows(torch.tensor(sel['qk']), d)
-    rows = torch.cat([q_rows, q_rows + H * d, vit._head_rows(torch.tensor(sel['v']), d) + 2 * H * d])
+    q_rows = vit.head_rows(torch.tensor(sel['qk']), d)
+    rows = torch.cat([q_rows, q_rows + H * d, vit.head_rows(torch.tensor(sel['v']), d) + 2 * H * d])
     with torch.no_grad():
         h0 = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         target = model.blocks[0].attn.qkv(model.blocks[0].norm1(h0))[..., rows]
@@ -535,7 +535,7 @@ def test_bad_ratios_are_refused(ratios, match):
 
 
 def test_a_misspelled_key_beside_blocks_is_refused_and_a_loaded_preset_is_taken():
-    from snp_fast.ratios import resolve_ratios
+    from snp_fast.families.vit import resolve_ratios
     blocks = [{'qk': .5}, {'qk': .25}]
     for typo in ({'embedding': .5}, {'drop_mpl': [1]}):
         with pytest.raises(ValueError, match=re.escape(f'unknown keys {sorted(typo)}')):

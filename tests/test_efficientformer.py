@@ -11,7 +11,7 @@ import torch
 
 import snp_fast
 from snp_fast.macs import count_macs, meta_copy
-from snp_fast.models import efficientformer as ef
+from snp_fast.families import efficientformer as ef
 
 RATIOS = {'qk': .5, 'v': .5, 'mlp': .5, 'heads': .25, 'embed': .25}
 

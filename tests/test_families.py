@@ -7,7 +7,8 @@ import timm
 import torch
 
 import snp_fast
-from snp_fast.models import roles, vit
+from snp_fast.families import vit
+from snp_fast.families.vit import roles
 
 RATIOS = {'qk': 0, 'v': .5, 'mlp': .5, 'embed': .25}
 SMALL = dict(pretrained=False, depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10)
@@ -120,7 +121,7 @@ def test_value_and_ffn_slices_equal_zeroed_filters():
     with torch.no_grad():
         for blk, bs in zip(masked.blocks, pruned.snp_recipe['selection']['blocks']):
             v_drop = torch.ones(blk.attn.v_proj.out_features, dtype=torch.bool)
-            v_drop[vit._head_rows(torch.tensor(bs['v']), blk.attn.head_dim)] = False
+            v_drop[vit.head_rows(torch.tensor(bs['v']), blk.attn.head_dim)] = False
             m_drop = torch.ones(blk.mlp.fc1_x.out_features, dtype=torch.bool)
             m_drop[torch.tensor(bs['mlp'])] = False
             for lin, drop in ((blk.attn.v_proj, v_drop), (blk.mlp.fc1_x, m_drop)):
@@ -142,9 +143,9 @@ def test_qk_v_mlp_slices_equal_zeroed_filters(case):
     with torch.no_grad():
         for blk, bs in zip(masked.blocks, pruned.snp_recipe['selection']['blocks']):
             n, d = blk.attn.num_heads * blk.attn.head_dim, blk.attn.head_dim
-            q = vit._head_rows(torch.tensor(bs['qk']), d)
+            q = vit.head_rows(torch.tensor(bs['qk']), d)
             keep = torch.zeros(3 * n, dtype=torch.bool)
-            keep[torch.cat([q, q + n, vit._head_rows(torch.tensor(bs['v']), d, 2 * n)])] = True
+            keep[torch.cat([q, q + n, vit.head_rows(torch.tensor(bs['v']), d, 2 * n)])] = True
             m_keep = torch.zeros(blk.mlp.fc1.out_features, dtype=torch.bool)
             m_keep[torch.tensor(bs['mlp'])] = True
             for lin, kept in ((blk.attn.qkv, keep), (blk.mlp.fc1, m_keep)):
@@ -234,7 +235,7 @@ def test_grouped_query_value_slices_equal_zeroed_filters():
         for blk, bs in zip(masked.blocks, pruned.snp_recipe['selection']['blocks']):
             assert len(bs['v']) == blk.attn.num_kv_heads
             drop = torch.ones(blk.attn.v_proj.out_features, dtype=torch.bool)
-            drop[vit._head_rows(torch.tensor(bs['v']), blk.attn.head_dim)] = False
+            drop[vit.head_rows(torch.tensor(bs['v']), blk.attn.head_dim)] = False
             blk.attn.v_proj.weight[drop] = 0
             if blk.attn.v_proj.bias is not None:
                 blk.attn.v_proj.bias[drop] = 0

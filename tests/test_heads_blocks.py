@@ -10,10 +10,10 @@ from snp_fast import quality
 from snp_fast.allocate import ratios_for_dims
 from snp_fast.io import load_pruned, save_pruned
 from snp_fast.macs import count_macs, meta_copy
-from snp_fast.models import vit
-from snp_fast.models.vit import Selection
-from snp_fast.prune import branch_scores
-from snp_fast.ratios import resolve_ratios, target_dims
+from snp_fast.families import vit
+from snp_fast.families.vit import Selection
+from snp_fast.families.vit import branch_scores
+from snp_fast.families.vit import resolve_ratios, target_dims
 
 pytestmark = pytest.mark.filterwarnings('ignore:snp_fast. .*reference')
 
@@ -45,8 +45,8 @@ def masked_twin(model, selection):
         for blk, sel in zip(twin.blocks, Selection.from_dict(selection).blocks):
             H, d = blk.attn.num_heads, blk.attn.head_dim
             keep = torch.zeros(3 * H * d, dtype=torch.bool)
-            q = vit._head_rows(sel.qk, d, heads=sel.heads)
-            keep[torch.cat([q, q + H * d, vit._head_rows(sel.v, d, 2 * H * d, sel.heads)])] = True
+            q = vit.head_rows(sel.qk, d, heads=sel.heads)
+            keep[torch.cat([q, q + H * d, vit.head_rows(sel.v, d, 2 * H * d, sel.heads)])] = True
             blk.attn.qkv.weight[~keep] = 0
             blk.attn.qkv.bias[~keep] = 0
             keep_m = torch.zeros(blk.mlp.fc1.out_features, dtype=torch.bool)

@@ -7,7 +7,7 @@ import torch
 
 import snp_fast
 from snp_fast import quality as Q
-from snp_fast.models.vit import Selection, model_dims
+from snp_fast.families.vit import Selection, model_dims
 
 
 @pytest.fixture(scope='module')

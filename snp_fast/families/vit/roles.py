@@ -1,7 +1,7 @@
 """Structural roles shared by the adapters: which tensors of a timm layer produce q, k and v, the FFN
 hidden neurons and the branch scales, whatever the layer's layout.
 
-The SNP groups are the same for every layout (SNP.md): a q/k pair, a value filter, an FFN neuron and
+The SNP groups are the same for every layout (docs/METHOD.md): a q/k pair, a value filter, an FFN neuron and
 a residual-stream channel. What changes between timm layers is only where their rows live:
 
   q/k/v   'fused'       attn.qkv, one Linear laid out [q | k | v] (timm Attention, AttentionRope)
@@ -25,12 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...slicing import Plan
+
 __all__ = ['attend_and_project', 'qkv_layout', 'qkv_biases', 'qkv_weight', 'qkv_output', 'qkv_plan', 'qkv_fit_parts', 'mlp_hidden',
            'mlp_fc1_rows', 'mlp_in_weight', 'mlp_plan', 'resize_mlp', 'branch_scale', 'scale_names', 'check_mlp',
            'PrunedRopeAttention', 'kv_groups', 'pool_plan', 'pruned_attention_pool', 'is_post_norm', 'branch_input']
-
-Plan = Dict[str, List[Tuple[int, torch.Tensor]]]
-
 
 # ------------------------------------------------------------------------------------------------
 # q / k / v projections
