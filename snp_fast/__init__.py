@@ -10,7 +10,7 @@ group; every pruned Linear is then re-fit by least squares to the original model
 (docs/METHOD.md).
 """
 from .version import __version__
-from .families import UnsupportedModelError, families, family_of
+from .families import UnsupportedModelError, family_of
 from .families.vit import PrunedAttention
 from .io import RecipeError, load_pruned, save_pruned
 from .macs import count_macs, count_params
@@ -20,5 +20,5 @@ from .report import PruneReport
 from .selection import Group, Selector
 
 __all__ = ['prune', 'PruneReport', 'save_pruned', 'load_pruned', 'RecipeError', 'count_macs', 'count_params',
-           'list_presets', 'load_preset', 'PrunedAttention', 'UnsupportedModelError', 'Selector', 'Group', 'families',
+           'list_presets', 'load_preset', 'PrunedAttention', 'UnsupportedModelError', 'Selector', 'Group',
            'family_of', '__version__']

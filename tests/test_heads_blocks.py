@@ -6,7 +6,6 @@ import timm
 import torch
 
 import snp_fast
-from snp_fast import quality
 from snp_fast.allocate import ratios_for_dims
 from snp_fast.io import load_pruned, save_pruned
 from snp_fast.macs import count_macs, meta_copy
@@ -219,7 +218,7 @@ def test_recipe_selection_rebuilds_the_model_and_old_recipes_mean_all_heads():
     sel = Selection.from_dict(pruned.snp_recipe['selection'])
     assert sel.to_dict() == pruned.snp_recipe['selection']
     assert sel.dims() == vit.model_dims(pruned)
-    again = quality.prune_with_selection(model, sel)
+    again, _ = snp_fast.prune(model, None, selection=sel, refit=False)
     with torch.no_grad():
         assert torch.equal(again(x), pruned(x))
     # a recipe written before head pruning has no 'heads': all heads, same slicing

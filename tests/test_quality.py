@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import snp_fast
-from snp_fast import quality as Q
+from research import quality as Q
 from snp_fast.families.vit import Selection, model_dims
 
 
@@ -79,7 +79,7 @@ def test_baselines_have_the_snp_models_dims_and_macs(digits, ratios, refits):
         for b in sel.blocks:  # sorted, unique, in range
             assert (b.qk.diff(dim=1) > 0).all() and (b.v.diff(dim=1) > 0).all() and (b.mlp.diff() > 0).all()
         for refit in refits:
-            pruned = Q.prune_with_selection(model, sel, calib[:16], refit=refit)
+            pruned = snp_fast.prune(model, calib[:16], selection=sel, refit=refit)[0]
             assert model_dims(pruned) == dims
             assert snp_fast.count_macs(pruned) == report.macs_after
             assert snp_fast.count_params(pruned) == report.params_after
@@ -98,20 +98,6 @@ def test_l2_baseline_is_prunes_magnitude_criterion(digits):
     p, _ = snp_fast.prune(model, None, ratios=0.4, refit=False, qk_criterion='magnitude', v_criterion='magnitude',
                           mlp_criterion='magnitude', embed_criterion='magnitude')
     assert Q.baseline_selection(model, Q.dims_for(model, 0.4), 'l2').to_dict() == p.snp_recipe['selection']
-
-
-@pytest.mark.parametrize('refit', [False, True])
-def test_custom_selection_path_equals_prune(digits, refit):
-    """Slicing (and re-fitting) prune()'s own selection through prune_with_selection gives prune()'s model."""
-    model, calib, x, _ = digits
-    p, _ = snp_fast.prune(model, calib[:32], ratios=0.4, refit=refit)
-    p2 = Q.prune_with_selection(model, Selection.from_dict(p.snp_recipe['selection']), calib[:32], refit=refit)
-    sd, sd2 = p.state_dict(), p2.state_dict()
-    assert set(sd) == set(sd2)
-    for k in sd:
-        torch.testing.assert_close(sd2[k], sd[k], atol=1e-6, rtol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(p2(x[:16]), p(x[:16]), atol=1e-5, rtol=1e-5)
 
 
 def test_uniform_ratio_for_macs(digits):

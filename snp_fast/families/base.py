@@ -98,6 +98,10 @@ class Family(ABC):
     def width_lines(self, before, after) -> List[str]:
         """The table of widths before -> after (the first line continues the report's totals line)."""
 
+    @abstractmethod
+    def slice_plan(self, model: nn.Module, selection) -> Plan:
+        """Every slice a selection makes (the stem and head's and every block's)."""
+
     def selection_dims(self, selection, dims_before):
         """The widths a given selection keeps."""
         return selection.dims()

@@ -91,6 +91,9 @@ class EfficientFormerFamily(Family):
     def preset_mismatch(self, name, dims):
         return preset_mismatch(name, dims)
 
+    def slice_plan(self, model, selection):
+        return slice_plan(model, selection)
+
     def selection_dims(self, selection, dims_before):
         return selection.dims(dims_before)
 

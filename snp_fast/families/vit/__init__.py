@@ -12,10 +12,7 @@ the stream.
     steps.py      the pipeline hooks: prefix, stream selection, one Step per block, the heads' re-fit
     branches.py   whole-branch scores for drop counts
 """
-from typing import List, Optional
-
-import torch
-import torch.nn as nn
+from typing import List
 
 from ...slicing import Plan
 from ..base import Family, UnsupportedModelError
@@ -63,6 +60,9 @@ class ViTFamily(Family):
 
     def preset_mismatch(self, name, dims):
         return preset_mismatch(name, dims)
+
+    def slice_plan(self, model, selection):
+        return slice_plan(model, selection)
 
     def width_lines(self, before: ModelDims, after: ModelDims) -> List[str]:
         lines = [f'embed {before.embed} -> {after.embed}',

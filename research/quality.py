@@ -1,7 +1,7 @@
 """Quality of pruned models on held-out data, and a comparison of SNP with baselines at equal MACs.
 
-    python -m snp_fast.quality            # full comparison on the shipped digits ViT -> QUALITY.md
-    python -m snp_fast.quality --quick    # a small subset, printed (or --out PATH)
+    python -m research.quality            # full comparison on the shipped digits ViT -> QUALITY.md
+    python -m research.quality --quick    # a small subset, printed (or --out PATH)
 
 Metrics (all on held-out images, original model vs pruned model):
   * top-1 accuracy of the pruned model, and top-1 agreement with the original's predictions;
@@ -13,12 +13,10 @@ Metrics (all on held-out images, original model vs pruned model):
       - KL: mean over images, heads and query rows of KL(A_row || A'_row).
 
 Baselines get exactly the per-block dims of the SNP model (so equal params and MACs). Selections that
-prune() does not offer (random, L1 magnitude) are built here as a snp_fast.models.vit.Selection and
-sliced with the package's own mechanics (apply_dims on meta_copy(model), slice_plan, the same slicing
-and block-by-block re-fit routines prune() uses); see prune_with_selection().
+prune() does not offer (random, L1 magnitude) are built here as a ViT Selection and go through prune()'s
+own slicing and re-fit: `snp_fast.prune(model, calib, selection=<Selection>, refit=...)`.
 """
 import argparse
-import importlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,19 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .macs import count_macs, meta_copy
-from .models import roles, vit
-from .models.vit import BlockSelection, ModelDims, Selection
-from .ratios import resolve_ratios, target_dims
-from .refit import DEFAULT_DAMP
-from .scores import select_per_head, select_top, tss_average
+from snp_fast import prune
+from snp_fast.families import vit
+from snp_fast.families.vit import BlockSelection, ModelDims, Selection, resolve_ratios, roles, target_dims
+from snp_fast.macs import count_macs, meta_copy
+from snp_fast.scores import select_per_head, select_top, tss_average
 
 # the module, not the function snp_fast.prune that the package re-exports under the same name
-_P = importlib.import_module(__package__ + '.prune')
 
 __all__ = ['rel_fro', 'attn_kl', 'logit_kl', 'AttentionRecorder', 'evaluate', 'Quality', 'baseline_selection',
-           'prune_with_selection', 'dims_for', 'uniform_ratio_for_macs', 'main']
+           'dims_for', 'uniform_ratio_for_macs', 'main']
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,48 +241,6 @@ def baseline_selection(model: nn.Module, dims: ModelDims, method: str, seed: int
     return Selection(embed, blocks)
 
 
-@torch.no_grad()
-def prune_with_selection(model: nn.Module, sel: Selection, calib: Optional[torch.Tensor] = None, *,
-                         refit: bool = False, damp: float = DEFAULT_DAMP, refit_tokens: Optional[int] = None,
-                         batch_size: int = 32, backend: str = 'auto') -> nn.Module:
-    """Slice `model` by a given Selection (and optionally re-fit), through prune()'s own mechanics.
-
-    Architecture: vit.apply_dims(meta_copy(model), sel.dims()); tensors: vit.slice_plan(model, sel) and
-    prune's slicing routine; re-fit: prune's block-by-block routine (_refit_block / _refit_heads, same
-    seeded token sampling). With the Selection prune() chose, the result equals prune()'s model (tested).
-    NOTE: this uses prune.py's private helpers; a public `prune(..., selection=...)` hook would be cleaner.
-    """
-    vit.check_supported(model)
-    if refit and calib is None:
-        raise ValueError('the re-fit needs calibration images')
-    ops.check_backend(backend, next(model.parameters()).device)
-    with _P.eval_mode(model), ops.prefer(backend):  # as prune(): every op on `backend` where it has it
-        pruned = vit.apply_dims(meta_copy(model), sel.dims())
-        _P._slice_into(pruned, model, vit.slice_plan(model, sel), [n for n, _ in model.named_parameters()])
-        _P._copy_buffers(pruned, model)
-        if refit:
-            dev = next(model.parameters()).device
-            calib = calib.to(device=dev, dtype=next(model.parameters()).dtype)
-            x = _P._prefix(model, calib, batch_size)
-            xp = _P._prefix(pruned, calib, batch_size)
-            gen = torch.Generator().manual_seed(0)
-            stats = {}
-            od = vit.model_dims(model)
-            for i, (ob, pb) in enumerate(zip(model.blocks, pruned.blocks)):
-                x_next, cap = _P._run_captured(ob, x, _P._block_taps(ob, sel.embed, sel.blocks[i].mlp), batch_size)
-                if 'attn_in' in cap:
-                    cap['qkv'] = roles.qkv_output(ob.attn, cap.pop('attn_in'))
-                xp = _P._refit_block(pb, xp, cap, sel.blocks[i], od.blocks[i].heads, od.blocks[i].qk,
-                                     damp, refit_tokens, gen, batch_size, stats, i)
-                x = x_next
-            _P._refit_heads(model, pruned, x, xp, sel.embed, damp, refit_tokens, gen, batch_size, stats)
-            pruned.snp_refit_stats = stats
-    leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
-    if leftover:
-        raise RuntimeError(f'parameters left unassigned: {leftover[:5]}')
-    return pruned.eval()
-
-
 # ------------------------------------------------------------------------------------------------
 # the comparison
 
@@ -299,8 +252,6 @@ class Method:
 
 
 def _snp(refit=True, **kw):
-    from .prune import prune
-
     def build(model, calib, ratios, **over):
         return prune(model, calib, ratios=ratios, refit=refit, **{**kw, **over})[0]
     return build
@@ -309,7 +260,7 @@ def _snp(refit=True, **kw):
 def _baseline(method, refit, seed=0):
     def build(model, calib, ratios, **over):
         sel = baseline_selection(model, dims_for(model, ratios), method, seed)
-        return prune_with_selection(model, sel, calib, refit=refit, **over)
+        return prune(model, calib, selection=sel, refit=refit, **over)[0]
     return build
 
 
@@ -342,7 +293,7 @@ CALIB_POOL = 256  # training images the calibration sets are drawn from (the swe
 
 
 def _digits(n_calib_max: int = CALIB_POOL):
-    from .demo import digits_data, load_digits_vit
+    from snp_fast.demo import digits_data, load_digits_vit
     model = load_digits_vit()
     x_tr, _, x_te, y_te = digits_data()
     perm = torch.randperm(x_tr.shape[0], generator=torch.Generator().manual_seed(1))
@@ -631,8 +582,7 @@ def _head_quality(ref: 'Reference', pruned: nn.Module, sel: Selection) -> Qualit
 def compare_head_criteria(model: nn.Module, calib: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, *,
                           seeds: Sequence[int] = (0, 1, 2), log=print) -> dict:
     """Every head criterion (and random heads, heads-only setting) at equal dims, with and without re-fit."""
-    from .prune import prune
-    from .scores import HEAD_CRITERIA
+    from snp_fast.scores import HEAD_CRITERIA
     ref = Reference(model, x_te, y_te)
     out = {'settings': {k: v[0] for k, v in HEAD_SETTINGS.items()}, 'results': {}, 'kept': {},
            'seeds': list(seeds), 'n_calib': int(calib.shape[0]), 'n_test': int(y_te.shape[0])}
@@ -648,15 +598,15 @@ def compare_head_criteria(model: nn.Module, calib: torch.Tensor, x_te: torch.Ten
             if set(ratios) == {'heads'}:
                 for s in seeds:
                     sel = _random_heads(model, ratios, s)
-                    res[f'random (seed {s}){tag}'] = _head_quality(ref, prune_with_selection(model, sel, calib,
-                                                                                              refit=refit), sel)
+                    res[f'random (seed {s}){tag}'] = _head_quality(
+                        ref, prune(model, calib, selection=sel, refit=refit)[0], sel)
             log(f'[heads {key}{tag}] ' + ', '.join(f'{n} {q.top1:.3f}/{q.attn_err_mean:.3f}' for n, q in res.items()))
     return out
 
 
 def heads_markdown(c: dict) -> str:
     L = ['## Head pruning: head criteria at equal dims (digits ViT, 4 heads per block)', '',
-         'Written by `python -m snp_fast.quality` (alone: `--heads`). "output" = each head\'s share of '
+         'Written by `python -m research.quality` (alone: `--heads`). "output" = each head\'s share of '
          'attn.proj\'s output (‖ctx_h W_hᵀ‖² over the calibration tokens); "snp" = the head\'s attention-score '
          'energy (top-γ σ² of Q_h K_hᵀ); random = kept heads drawn at random (heads-only setting, mean of '
          f'{len(c["seeds"])} seeds). Same dims, params and MACs for every row of a table. "attn err" is over the '
@@ -706,7 +656,7 @@ KD_DEFAULT = dict(epochs=3, batch_size=64, lr=2e-4)   # ~60 AdamW steps on ~1.2k
 def _faces(n_calib_max: int = CALIB_POOL):
     """The faces fixture: model, a calibration pool and the KD training set (the 150 training images in all
     four 24×24 crops, plain and mirrored: 1200 images), held-out top-left crops."""
-    from .demo import faces_crop, faces_data, load_faces_vit
+    from snp_fast.demo import faces_crop, faces_data, load_faces_vit
     x_tr, y_tr, x_te, y_te = faces_data()
     views = [faces_crop(x_tr, t, l) for t in (0, 1) for l in (0, 1)]
     views += [v.flip(-1) for v in views]
@@ -721,7 +671,7 @@ def run_kd(model: nn.Module, calib: torch.Tensor, train: Tuple[torch.Tensor, tor
     models at every equal-MACs setting of comparison `c`; the pruned models are rebuilt exactly as in
     run_comparison (same seeds, same calibration images)."""
     import copy
-    from .finetune import FinetuneConfig, finetune
+    from snp_fast.finetune import FinetuneConfig, finetune
     kd = {**KD_DEFAULT, **(kd or {})}
     cfg = FinetuneConfig(**kd)
     names = [n + t for n in KD_METHODS for t in ('', ' + re-fit')]
@@ -788,13 +738,13 @@ def kd_markdown(c: dict) -> str:
 
 HEADER = """# QUALITY — SNP vs baselines at equal MACs, without fine-tuning and after a short KD recovery
 
-Written by `python -m snp_fast.quality` (snp_fast/quality.py); every number below is regenerated by that
+Written by `python -m research.quality` (research/quality.py); every number below is regenerated by that
 command. Baselines get exactly the per-block dims of the SNP model, hence the same params and MACs
 (tests/test_quality.py checks this). Random and L1 selections are sliced and re-fit through prune()'s
-own mechanics (`snp_fast.quality.prune_with_selection`); L2 magnitude here equals
+own mechanics (`snp_fast.prune(..., selection=...)`); L2 magnitude here equals
 `prune(..., qk_criterion='magnitude', v_criterion='magnitude', mlp_criterion='magnitude',
 embed_criterion='magnitude')`. "+ re-fit" = the sequential least-squares re-fit (damp 1e-4, all
-calibration tokens unless swept). Metrics: see the module docstring of snp_fast/quality.py.
+calibration tokens unless swept). Metrics: see the module docstring of research/quality.py.
 "After a short KD recovery" = each pruned model distilled from the unpruned one with snp_fast.finetune
 (settings in that section; `--kd-epochs 0` leaves it out).
 Caveats: two small fixtures. The shipped digits ViT: 500 held-out images, so 1 image = 0.2 points of
@@ -853,7 +803,7 @@ def _main(args) -> int:
         model, pool, x_te, y_te = _digits()
         c = run_comparison(model, pool, x_te, y_te, quick=args.quick, n_calib=args.calib, log=log)
         if args.kd_epochs > 0:
-            from .demo import digits_data
+            from snp_fast.demo import digits_data
             x_tr, y_tr = digits_data()[:2]
             n = 256 if args.quick else len(y_tr)
             c['kd'] = run_kd(model, pool[:args.calib], (x_tr[:n], y_tr[:n]), c, quick=args.quick,
