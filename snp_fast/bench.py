@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .macs import example_input
+
 __all__ = ['BACKENDS', 'time_call', 'latency', 'compare', 'format_table']
 
 BACKENDS = ('eager', 'compile', 'onnx')
@@ -47,13 +49,6 @@ def time_call(fn: Callable[[], object], repeats: int = 10, warmup: int = 3, devi
     return statistics.median(times)
 
 
-def _input(model: nn.Module, batch: int, input_size=None) -> torch.Tensor:
-    from .macs import _input_size
-    p = next(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *(input_size or _input_size(model)), generator=g).to(p.device, p.dtype)
-
-
 class _OnnxRunner:
     def __init__(self, model: nn.Module, example: torch.Tensor, tmpdir: str, name: str):
         import onnxruntime as ort
@@ -79,7 +74,7 @@ def _runner(model: nn.Module, backend: str, input_size, tmpdir: Optional[str], n
     if backend == 'compile':
         return torch.compile(model, dynamic=False)
     with tempfile.TemporaryDirectory(dir=tmpdir) as d:   # the session holds the model in memory
-        return _OnnxRunner(model, _input(model, 1, input_size), d, name)
+        return _OnnxRunner(model, example_input(model, 1, input_size), d, name)
 
 
 def _check(backend: str, batch_sizes: Sequence[int], repeats: int) -> None:
@@ -102,7 +97,7 @@ def latency(model: nn.Module, batch_sizes: Sequence[int] = (1, 8), backend: str 
     with torch.inference_mode() if backend != 'onnx' else torch.no_grad():
         fn = _runner(model, backend, input_size, tmpdir, name)
         for b in batch_sizes:
-            x = _input(model, b, input_size)
+            x = example_input(model, b, input_size)
             out[b] = time_call(lambda: fn(x), repeats, warmup + (2 if backend == 'compile' else 0), device)
     return out
 
@@ -140,7 +135,7 @@ def compare(original: nn.Module, pruned: Optional[nn.Module] = None, batch_sizes
         with torch.inference_mode() if be != 'onnx' else torch.no_grad():
             fns = [_runner(m, be, input_size, None, name) for m, name in zip(models, ('original', 'pruned'))]
             for bs in batch_sizes:
-                xs = [_input(m, bs, input_size) for m in models]
+                xs = [example_input(m, bs, input_size) for m in models]
                 t = _interleaved([lambda f=f, x=x: f(x) for f, x in zip(fns, xs)], repeats,
                                  warmup + (2 if be == 'compile' else 0), device)
                 row = {'backend': be, 'batch': bs, 'original_ms': t[0] * 1e3}

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .macs import example_input, model_input_size
+
 __all__ = ['DEFAULT_OPSET', 'MAX_OPSET', 'export_onnx', 'check_onnx']
 
 DEFAULT_OPSET = 17
@@ -29,7 +31,6 @@ except ImportError:
 def export_onnx(model: nn.Module, path: str, example: Optional[torch.Tensor] = None, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, verbose: bool = False) -> str:
     """Export `model` (eval mode) to `path`; returns the absolute path."""
-    from .bench import _input
     if not 17 <= opset <= MAX_OPSET:
         raise ValueError(f'opset must be in [17, {MAX_OPSET}] (the TorchScript exporter\'s range), got {opset}')
     p = next(model.parameters(), None)
@@ -38,7 +39,7 @@ def export_onnx(model: nn.Module, path: str, example: Optional[torch.Tensor] = N
                          'kernels for this graph either); export a float32 or float16 copy (model.float())')
     model = model.eval()
     if example is None:
-        example = _input(model, 1)
+        example = example_input(model, 1)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -66,10 +67,9 @@ def check_onnx(model: nn.Module, path: str, batch: int = 2, seed: int = 0) -> fl
     """Max abs difference between ONNX Runtime (CPU) and PyTorch on a random input of `batch` images."""
     import onnx
     import onnxruntime as ort
-    from .macs import _input_size
     onnx.checker.check_model(path)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *_input_size(model), generator=g)
+    x = torch.randn(batch, *model_input_size(model), generator=g)
     model = model.eval()
     p = next(model.parameters())
     if p.dtype == torch.bfloat16:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_macs', 'count_params', 'meta_copy']
+__all__ = ['count_macs', 'count_params', 'meta_copy', 'model_input_size', 'example_input']
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -29,7 +29,8 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _input_size(model: nn.Module) -> Tuple[int, int, int]:
+def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) the model takes (its patch embedding's image size; 224x224 when it has none)."""
     pe = getattr(model, 'patch_embed', None)
     img = getattr(pe, 'img_size', None) or (224, 224)
     return (getattr(model, 'in_chans', 3), *img)
@@ -44,7 +45,14 @@ def count_macs(model: nn.Module, input_size: Optional[Tuple[int, int, int]] = No
     if any(p.requires_grad for p in m.parameters()):
         m = meta_copy(m).requires_grad_(False)
     dtype = next(m.parameters()).dtype
-    x = torch.empty(1, *(input_size or _input_size(model)), device='meta', dtype=dtype)
+    x = torch.empty(1, *(input_size or model_input_size(model)), device='meta', dtype=dtype)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         m(x)
     return counter.get_total_flops() // 2
+
+
+def example_input(model: nn.Module, batch: int, size: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """A seeded random batch of the model's input size, on its device and in its dtype (benchmarks, export checks)."""
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *(size or model_input_size(model)), generator=g).to(p.device, p.dtype)

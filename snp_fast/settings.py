@@ -11,7 +11,7 @@ from . import ops
 from .refit import DEFAULT_DAMP, RefitStats
 from .report import Timer
 from .scores import EMBED_CRITERIA, HEAD_CRITERIA, QK_CRITERIA, ROW_CRITERIA, check_criterion, row_scores
-from .selection import Selector
+from .selection import FixedSelection, Selector
 
 __all__ = ['PruneSettings', 'PruneContext']
 
@@ -77,6 +77,11 @@ class PruneContext:
     @property
     def batch(self) -> int:
         return self.settings.batch_size
+
+    @property
+    def fixed(self) -> bool:
+        """Whether the kept indices are given (prune(selection=<a Selection>)): nothing is scored."""
+        return isinstance(self.selector, FixedSelection)
 
     @property
     def refit(self):

@@ -55,7 +55,7 @@ def random_ratios(depth, seed, embed=0.0):
 
 
 def masked_twin(model, selection):
-    """The original model with every removed q/k, v and fc1 filter zeroed (SNP.md's test invariant)."""
+    """The original model with every removed q/k, v and fc1 filter zeroed (docs/METHOD.md's test invariant)."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for blk, sel in zip(twin.blocks, selection['blocks']):

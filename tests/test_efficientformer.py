@@ -205,9 +205,9 @@ def test_a_preset_on_another_variant_warns_that_its_macs_do_not_apply(calib):
     assert any('chosen for efficientformer_l1' in n for n in report.notes)
 
 
-def test_the_adapter_takes_ratios_or_a_preset_not_both(calib):
+def test_ratios_or_a_preset_not_both(calib):
     with pytest.raises(ValueError, match='exactly one of ratios= or preset='):
-        ef.prune(tiny_efficientformer(), calib[:2], 0.0, preset='efficientformer_l1_0p6G')
+        snp_fast.prune(tiny_efficientformer(), calib[:2], 0.0, preset='efficientformer_l1_0p6G')
 
 
 def test_prune_keeps_each_modules_training_flag(calib):

@@ -129,7 +129,7 @@ class EfficientFormerFamily(Family):
 
     def check_request(self, ctx):
         heads_pruned = any(a.heads != b.heads for a, b in zip(ctx.dims_after.blocks, ctx.dims_before.blocks))
-        if ctx.calib is None and heads_pruned:
+        if ctx.calib is None and not ctx.fixed and heads_pruned:
             raise ValueError('calibration images are needed (calib=...) for the re-fit, the "snp" Q/K criterion, head '
                              'pruning and "activation" criteria; pass refit=False and weight-only criteria to prune '
                              'without data')

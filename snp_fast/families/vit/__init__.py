@@ -89,7 +89,7 @@ class ViTFamily(Family):
 
     def check_request(self, ctx):
         pairs = list(zip(ctx.dims_after.blocks, ctx.dims_before.blocks))
-        if ctx.calib is None and any(0 < a.heads < b.heads for a, b in pairs):
+        if ctx.calib is None and not ctx.fixed and any(0 < a.heads < b.heads for a, b in pairs):
             raise ValueError('head pruning ("heads" ratios) scores the heads on calibration images; pass calib=')
         fixed_qk = fixed_qk_reason(ctx.model)
         if fixed_qk and any(a.heads and a.qk != b.qk for a, b in pairs):
