@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import ops
 
-__all__ = ['Slice', 'Plan', 'norm_plan', 'linear_plan', 'bn_plan', 'slice_into', 'quiet_zero_init', 'resize_norm',
+__all__ = ['Slice', 'Plan', 'head_rows', 'norm_plan', 'linear_plan', 'bn_plan', 'slice_into', 'quiet_zero_init', 'resize_norm',
            'new_linear', 'new_param', 'new_conv', 'new_bn']
 
 Slice = Tuple[int, torch.Tensor]
@@ -21,6 +21,16 @@ Plan = Dict[str, List[Slice]]
 
 # ------------------------------------------------------------------------------------------------
 # plans
+
+def head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0, heads: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    """(kept heads, kept) per-head indices -> flat row indices into a head-major (H*head_dim) axis.
+
+    `heads`: the original index of each row of `sel` (None: rows are heads 0..H-1)."""
+    if heads is None:
+        heads = torch.arange(sel.shape[0], dtype=torch.long)
+    return (heads.long().unsqueeze(1) * head_dim + sel + offset).flatten()
+
 
 def norm_plan(plan: Plan, prefix: str, module: nn.Module, idx: torch.Tensor) -> None:
     for p in ('weight', 'bias'):

@@ -6,13 +6,12 @@ roles.py). Note: with timm's scale_attn_norm / scale_mlp_norm (a LayerNorm over 
 width), removing v or fc1 filters changes that norm's statistics, so such models have no exact masked
 twin (like embedding pruning); the re-fit compensates.
 """
-from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import Tuple
 
-import torch
 import torch.nn as nn
 
 from ..base import UnsupportedModelError
+from ..uniform import BlockDims, BlockSelection, ModelDims, Selection
 from . import roles
 from .layers import PrunedAttention, PrunedRelPosAttention
 
@@ -24,65 +23,6 @@ SUPPORTED = ('timm VisionTransformer / VisionTransformerDistilled built from the
              'VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*), pre-norm or residual post-norm (ResPost*) blocks, '
              'timm Eva (EvaBlock with EvaAttention / AttentionRope: EVA-02, DINOv3, RoPE-ViT, PE; q/k kept whole), '
              'with Mlp, GluMlp or SwiGLU FFNs and a token, average or attention-pooling ("map") head')
-
-
-@dataclass
-class BlockDims:
-    heads: int
-    qk: int     # query/key width per head
-    v: int      # value width per head
-    mlp: int    # fc1 hidden neurons
-
-
-@dataclass
-class ModelDims:
-    embed: int
-    blocks: List[BlockDims]
-
-    def to_dict(self) -> dict:
-        return {'embed': self.embed, 'blocks': [asdict(b) for b in self.blocks]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> 'ModelDims':
-        return cls(embed=int(d['embed']), blocks=[BlockDims(**{k: int(v) for k, v in b.items()}) for b in d['blocks']])
-
-
-@dataclass
-class BlockSelection:
-    qk: torch.Tensor   # (kept heads, kept q/k dims per head), int64, sorted per head; dims index within a head
-    v: torch.Tensor    # (kept heads, kept v dims per head)
-    mlp: torch.Tensor  # (kept fc1 neurons,); empty = the MLP branch is dropped
-    heads: Optional[torch.Tensor] = None  # kept ORIGINAL head indices, sorted; None = all heads; empty = attn dropped
-
-    def head_index(self) -> torch.Tensor:
-        return torch.arange(self.qk.shape[0]) if self.heads is None else self.heads
-
-
-@dataclass
-class Selection:
-    embed: torch.Tensor             # kept residual-stream channels
-    blocks: List[BlockSelection]
-
-    def dims(self) -> ModelDims:
-        return ModelDims(self.embed.numel(), [BlockDims(b.qk.shape[0], b.qk.shape[1], b.v.shape[1], b.mlp.numel())
-                                              for b in self.blocks])
-
-    def to_dict(self) -> dict:
-        return {'embed': self.embed.tolist(),
-                'blocks': [{'heads': b.head_index().tolist(), 'qk': b.qk.tolist(), 'v': b.v.tolist(),
-                            'mlp': b.mlp.tolist()} for b in self.blocks]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> 'Selection':
-        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        blocks = []
-        for b in d['blocks']:
-            heads = t(b['heads']) if 'heads' in b else None  # recipes before head pruning: all heads
-            n = len(b['qk'])
-            # a dropped attention has (0, 0) selections, which JSON stores as []
-            per_head = lambda x: t(x).reshape(len(x), -1) if n else torch.zeros(0, 0, dtype=torch.long)  # noqa: E731
-            blocks.append(BlockSelection(per_head(b['qk']), per_head(b['v']), t(b['mlp']), heads))
-        return cls(t(d['embed']), blocks)
 
 
 def _timm_classes():

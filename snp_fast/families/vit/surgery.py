@@ -4,28 +4,17 @@ A plan is {parameter name: [(dim, kept index)]} (snp_fast/slicing.py); the stem 
 residual-stream group's share outside the blocks, a block plan the block's q/k, v and FFN groups and its
 share of the stream. apply_dims turns a meta-device copy of the model into the smaller architecture.
 """
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ...slicing import Plan, linear_plan, new_linear, new_param, norm_plan, resize_norm
+from ...slicing import Plan, head_rows, linear_plan, new_linear, new_param, norm_plan, resize_norm
 from . import roles
 from .layers import PrunedAttention, PrunedRelPosAttention
 from ..base import UnsupportedModelError
 from .structure import BlockDims, BlockSelection, ModelDims, Selection, attn_dims, model_dims
 
 __all__ = ['head_rows', 'value_out_cols', 'stem_and_head_plan', 'block_plan', 'slice_plan', 'apply_dims']
-
-
-def head_rows(sel: torch.Tensor, head_dim: int, offset: int = 0, heads: Optional[torch.Tensor] = None
-               ) -> torch.Tensor:
-    """(kept heads, kept) per-head indices -> flat row indices into a head-major (H*head_dim) axis.
-
-    `heads`: the original index of each row of `sel` (None: rows are heads 0..H-1)."""
-    if heads is None:
-        heads = torch.arange(sel.shape[0], dtype=torch.long)
-    return (heads.long().unsqueeze(1) * head_dim + sel + offset).flatten()
 
 
 def value_out_cols(attn: nn.Module, sel: BlockSelection, head_dim: int) -> torch.Tensor:
