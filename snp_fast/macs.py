@@ -30,10 +30,16 @@ def count_params(model: nn.Module) -> int:
 
 
 def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """(C, H, W) the model takes (its patch embedding's image size; 224x224 when it has none)."""
+    """(C, H, W) the model takes: a timm model's patch embedding's image size, a transformers model's config;
+    224x224 when neither says."""
     pe = getattr(model, 'patch_embed', None)
-    img = getattr(pe, 'img_size', None) or (224, 224)
-    return (getattr(model, 'in_chans', 3), *img)
+    img = getattr(pe, 'img_size', None)
+    config = getattr(model, 'config', None)
+    if img is None and config is not None and hasattr(config, 'image_size'):
+        size = config.image_size
+        img = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return (getattr(config, 'num_channels', 3), *img)
+    return (getattr(model, 'in_chans', 3), *(img or (224, 224)))
 
 
 def count_macs(model: nn.Module, input_size: Optional[Tuple[int, int, int]] = None) -> int:

@@ -21,7 +21,6 @@ from . import ops
 from .capture import copy_modes, eval_mode, finite, release_heap, run_captured
 from .families import family_of
 from .families.base import Family
-from .io import infer_timm_config
 from .macs import meta_copy
 from .refit import DEFAULT_DAMP
 from .report import SETTING_KEYS, PruneReport, Timer, make_recipe, measure
@@ -29,7 +28,7 @@ from .selection import FixedSelection, Selector
 from .settings import PruneContext, PruneSettings
 from .slicing import slice_into
 
-__all__ = ['prune', 'resolve_timm_config']
+__all__ = ['prune']
 
 
 def prune(
@@ -135,7 +134,7 @@ def prune(
         spec = family.choose_drops(ctx, spec)
         ctx.dims_after = family.target_dims(ctx.dims_before, spec, ctx.notes)
     family.check_request(ctx)
-    timm_config = resolve_timm_config(model, timm_name, timm_kwargs)
+    rebuild = family.rebuild_info(model, timm_name, timm_kwargs)
 
     with eval_mode(model) as modes, ops.prefer(backend), ops.precision(precision):  # every op: `backend` where it has it
         pruned, kept = _run(family, ctx)
@@ -144,7 +143,7 @@ def prune(
                 'calib_images': 0 if calib is None else calib.shape[0], 'backend': backend, 'precision': precision}
     if selection is not None:
         recorded['selection'] = 'given' if fixed else type(selection).__name__
-    pruned.snp_recipe = make_recipe(family.name, timm_config, ctx.dims_before, ctx.dims_after, kept, recorded)
+    pruned.snp_recipe = make_recipe(family.name, rebuild, ctx.dims_before, ctx.dims_after, kept, recorded)
     report = PruneReport(ctx.dims_before, ctx.dims_after, *measure(model, pruned), timer.times, recorded, ctx.stats,
                          ctx.notes, width_lines=family.width_lines)
     return pruned, report
@@ -163,18 +162,6 @@ def _check_calib(family: Family, model: nn.Module, calib) -> torch.Tensor:
     if not torch.isfinite(calib).all():
         raise ValueError('calib contains NaN or Inf values')
     return calib
-
-
-def resolve_timm_config(model: nn.Module, timm_name: Optional[str], timm_kwargs: Optional[dict]):
-    """(timm name, kwargs, why not inferable) that rebuild the unpruned architecture: inferred from the model
-    unless given; kwargs inferred for a given name only when it is the model's own."""
-    if timm_name is None:
-        return infer_timm_config(model, timm_kwargs)
-    if timm_kwargs is None:
-        inferred_name, timm_kwargs, _ = infer_timm_config(model)
-        if inferred_name != timm_name:
-            timm_kwargs = {}
-    return timm_name, timm_kwargs, ''
 
 
 def _run(family: Family, ctx: PruneContext):

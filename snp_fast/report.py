@@ -99,11 +99,10 @@ class Timer:
                 self._open[-1][1] = now
 
 
-def make_recipe(family: str, timm_config, dims_before, dims_after, selection, settings: dict) -> dict:
-    """The recipe a pruned model carries (model.snp_recipe) and save_pruned writes as recipe.json."""
-    timm_name, timm_kwargs, timm_unavailable = timm_config
-    return {'format': RECIPE_FORMAT, 'snp_fast_version': __version__, 'family': family,
-            'timm_name': timm_name, 'timm_kwargs': timm_kwargs, 'timm_unavailable': timm_unavailable,
+def make_recipe(family: str, rebuild: dict, dims_before, dims_after, selection, settings: dict) -> dict:
+    """The recipe a pruned model carries (model.snp_recipe) and save_pruned writes as recipe.json; `rebuild`: how
+    the family rebuilds the unpruned architecture (timm_name / timm_kwargs, or a transformers config)."""
+    return {'format': RECIPE_FORMAT, 'snp_fast_version': __version__, 'family': family, **rebuild,
             'dims_before': dims_before.to_dict(), 'dims_after': dims_after.to_dict(),
             'selection': selection.to_dict(), 'settings': settings}
 

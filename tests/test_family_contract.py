@@ -32,8 +32,19 @@ def _efficientformer():
                                                                generator=torch.Generator().manual_seed(seed))
 
 
+def _hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    m = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, intermediate_size=128, num_labels=10)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m, lambda n, seed: torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
 # family name -> tiny model + image maker; ratios whose removals have an exact masked twin (no stream channels)
-FIXTURES = {'vit': _vit, 'efficientformer': _efficientformer}
+FIXTURES = {'vit': _vit, 'efficientformer': _efficientformer, 'hf_vit': _hf_vit}
 INNER = {'qk': .5, 'v': .5, 'mlp': .5, 'heads': .25}
 NAMES = sorted(f.name for f in families())
 
@@ -44,7 +55,8 @@ def test_every_family_has_a_fixture():
 
 def _run(m, x):
     with torch.no_grad():
-        return m(x)
+        out = m(x)
+    return getattr(out, 'logits', out)  # (a transformers model returns an output object)
 
 
 @pytest.mark.parametrize('name', NAMES)

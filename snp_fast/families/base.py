@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..settings import PruneContext
 from ..slicing import Plan
+from ..timm_config import build_timm_skeleton, resolve_timm_config
 
 __all__ = ['Family', 'Step', 'UnsupportedModelError']
 
@@ -101,6 +102,24 @@ class Family(ABC):
     @abstractmethod
     def slice_plan(self, model: nn.Module, selection) -> Plan:
         """Every slice a selection makes (the stem and head's and every block's)."""
+
+    # --- rebuilding the unpruned architecture (save / load) ----------------------------------------
+    def rebuild_info(self, model: nn.Module, timm_name: Optional[str], timm_kwargs: Optional[dict]) -> dict:
+        """What a recipe records to rebuild the unpruned architecture (default: its timm name and kwargs)."""
+        name, kwargs, why = resolve_timm_config(model, timm_name, timm_kwargs)
+        return {'timm_name': name, 'timm_kwargs': kwargs, 'timm_unavailable': why}
+
+    def rebuild_problem(self, recipe: dict) -> str:
+        """Why a recipe cannot be rebuilt ('' when it can)."""
+        if recipe.get('timm_name'):
+            return ''
+        return (f'the unpruned architecture cannot be rebuilt with timm ({recipe.get("timm_unavailable")}); '
+                'pass timm_name= and timm_kwargs= to snp_fast.prune()')
+
+    def build_unpruned(self, recipe: dict) -> nn.Module:
+        """The unpruned architecture a recipe describes, on the meta device (no weights, never the network);
+        ValueError saying why not."""
+        return build_timm_skeleton(recipe)
 
     def selection_dims(self, selection, dims_before):
         """The widths a given selection keeps."""
