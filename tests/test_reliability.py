@@ -241,3 +241,92 @@ def test_only_stale_snp_fast_temp_folders_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(set(made) - set(removed) | {
         '.snp_fast_fileabcd', '.snp_fast_old_d1d2d3d4', '.snp_fast_lnk12345'})
     assert (tmp_path / 'snp_fast_abcd1234' / 'f').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. calibration images of every PIL mode keep their range (convert('RGB') clipped them to white)
+
+def _folder_pixels(folder, in_chans=3):
+    """{file name: uint8 array} as load_folder hands the images to the model's transform."""
+    import numpy as np
+    from snp_fast.calib import load_folder
+    seen = {}
+
+    def transform(im):
+        seen[len(seen)] = np.asarray(im).copy()
+        return torch.zeros(1)
+    _, info = load_folder(str(folder), transform, num=100, in_chans=in_chans, progress=False)
+    assert info.skipped == 0, info.describe()
+    return {os.path.basename(f): seen[i] for i, f in enumerate(info.files)}
+
+
+def test_16_bit_and_float_images_keep_their_range(tmp_path):
+    """A real photo (scikit-image's camera) saved as a 16-bit PNG, a 16-bit big-endian TIFF, a 32-bit integer
+    TIFF and float TIFFs ([0, 1] and another range) is the same 8-bit photo after loading."""
+    import numpy as np
+    from PIL import Image
+    skdata = pytest.importorskip('skimage.data')
+    cam = skdata.camera()                                   # (512, 512) uint8
+    Image.fromarray(cam.astype(np.uint16) * 257).save(tmp_path / 'cam16.png')
+    Image.fromarray((cam.astype(np.uint16) * 257).astype('>u2')).save(tmp_path / 'cam16be.tif')
+    Image.fromarray(cam.astype(np.int32) * 257).save(tmp_path / 'cam_i32.tif')
+    Image.fromarray(cam.astype(np.float32) / 255).save(tmp_path / 'cam_f01.tif')
+    Image.fromarray(cam.astype(np.float32) * 4 - 300).save(tmp_path / 'cam_fwide.tif')
+    modes = {n: Image.open(tmp_path / n).mode for n in os.listdir(tmp_path)}
+    assert modes == {'cam16.png': 'I;16', 'cam16be.tif': 'I;16B', 'cam_i32.tif': 'I', 'cam_f01.tif': 'F',
+                     'cam_fwide.tif': 'F'}
+    got = _folder_pixels(tmp_path)
+    lo, hi = float(cam.min()), float(cam.max())
+    stretched = np.rint((cam.astype(np.float64) - lo) * (255 / (hi - lo))).astype(np.uint8)
+    for name, want in [('cam16.png', cam), ('cam16be.tif', cam), ('cam_i32.tif', cam), ('cam_f01.tif', cam),
+                       ('cam_fwide.tif', stretched)]:
+        a = got[name]
+        assert a.shape == (512, 512, 3) and a.dtype == np.uint8, name
+        assert (a == want[..., None]).all(), (name, np.abs(a.astype(int) - want[..., None]).max())
+    gray = _folder_pixels(tmp_path, in_chans=1)
+    assert all(a.shape == (512, 512) for a in gray.values())
+    assert (gray['cam16.png'] == cam).all() and (gray['cam_f01.tif'] == cam).all()
+
+
+def test_alpha_palette_bilevel_and_cmyk_images(tmp_path):
+    """Transparent pixels become white (not the colour hidden under them); palette, bilevel and CMYK images
+    keep their content."""
+    import numpy as np
+    from PIL import Image
+    skdata = pytest.importorskip('skimage.data')
+    astro = skdata.astronaut()                                   # (512, 512, 3) uint8
+    alpha = np.full(astro.shape[:2], 255, np.uint8)
+    alpha[:, :256] = 0                                           # left half fully transparent
+    Image.fromarray(np.dstack([astro, alpha]), 'RGBA').save(tmp_path / 'rgba.png')
+    gray = skdata.camera()
+    Image.fromarray(np.dstack([gray, alpha]), 'LA').save(tmp_path / 'la.png')
+    pal = Image.fromarray(astro).quantize(16)
+    p = np.asarray(pal).copy()
+    p[:, :256] = 15
+    pal = Image.fromarray(p, 'P')
+    pal.putpalette(Image.fromarray(astro).quantize(16).getpalette())
+    pal.info['transparency'] = 15
+    pal.save(tmp_path / 'p.png', transparency=15)
+    Image.fromarray(gray > 128).save(tmp_path / 'bilevel.png')
+    Image.fromarray(astro).convert('CMYK').save(tmp_path / 'cmyk.tif')
+    modes = {n: Image.open(tmp_path / n).mode for n in os.listdir(tmp_path)}
+    assert modes == {'rgba.png': 'RGBA', 'la.png': 'LA', 'p.png': 'P', 'bilevel.png': '1', 'cmyk.tif': 'CMYK'}
+    got = _folder_pixels(tmp_path)
+    for name in ('rgba.png', 'la.png', 'p.png'):
+        assert (got[name][:, :256] == 255).all(), name           # transparent: white
+    assert (got['rgba.png'][:, 256:] == astro[:, 256:]).all()
+    assert (got['la.png'][:, 256:] == gray[:, 256:, None]).all()
+    assert set(np.unique(got['bilevel.png'])) == {0, 255}
+    assert ((got['bilevel.png'][..., 0] == 255) == (gray > 128)).all()
+    assert (got['cmyk.tif'] == astro).all()
+
+
+def test_non_finite_float_image_is_skipped_and_counted(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from snp_fast.calib import CalibError, load_folder
+    a = np.zeros((16, 16), np.float32)
+    a[3, 3] = np.nan
+    Image.fromarray(a).save(tmp_path / 'nan.tif')
+    with pytest.raises(CalibError, match='none of its 1 files is a readable image'):
+        load_folder(str(tmp_path), lambda im: torch.zeros(1), num=4, progress=False)
