@@ -20,8 +20,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['CalibError', 'CalibInfo', 'convert_image', 'data_config', 'eval_transform', 'list_files', 'load_folder', 'sample_photos_pil',
-           'default_calib', 'load_calib', 'denormalize']
+__all__ = ['CalibError', 'CalibInfo', 'convert_image', 'data_config', 'eval_transform', 'list_files', 'load_folder',
+           'sample_photos_pil', 'default_calib', 'load_calib', 'denormalize']
 
 
 class CalibError(ValueError):

@@ -237,7 +237,8 @@ def test_only_stale_snp_fast_temp_folders_are_removed(tmp_path):
     os.symlink(tmp_path / 'snp_fast_abcd1234', tmp_path / '.snp_fast_lnk12345')   # a link: kept
     removed = snp_io.clean_stale_temp(str(tmp_path))
     assert sorted(removed) == sorted(['.snp_fast_abcd_123', '.snp_fast_old_x1y2z3w4',
-                                      f'.snp_fast_new-{dead.pid}-{host}-q1w2', f'.snp_fast_new-{dead.pid}-00000000-r5t6'])
+                                      f'.snp_fast_new-{dead.pid}-{host}-q1w2',
+                                      f'.snp_fast_new-{dead.pid}-00000000-r5t6'])
     assert sorted(os.listdir(tmp_path)) == sorted(set(made) - set(removed) | {
         '.snp_fast_fileabcd', '.snp_fast_old_d1d2d3d4', '.snp_fast_lnk12345'})
     assert (tmp_path / 'snp_fast_abcd1234' / 'f').exists()
@@ -330,3 +331,201 @@ def test_non_finite_float_image_is_skipped_and_counted(tmp_path):
     Image.fromarray(a).save(tmp_path / 'nan.tif')
     with pytest.raises(CalibError, match='none of its 1 files is a readable image'):
         load_folder(str(tmp_path), lambda im: torch.zeros(1), num=4, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5.-7. fine-tuning: never a non-finite model or checkpoint, never a file it did not write, clear resume errors
+
+from snp_fast.finetune import (CheckpointError, FinetuneConfig, NonFiniteError, finetune,  # noqa: E402
+                               load_checkpoint)
+
+FT_TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+@pytest.fixture(scope='module')
+def task():
+    torch.manual_seed(0)
+    teacher = timm.create_model('vit_tiny_patch16_224', pretrained=False, **FT_TINY).eval()
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    student, _ = snp_fast.prune(teacher, x[:16], ratios=0.5, refit=False)
+    return teacher, student, x, y
+
+
+def _student(task):
+    import copy
+    return copy.deepcopy(task[1])
+
+
+def _files(d):
+    return {n: open(os.path.join(d, n), 'rb').read() for n in sorted(os.listdir(d))}
+
+
+def _opt_for(student):
+    decay = [p for p in student.parameters() if p.ndim > 1]
+    no_decay = [p for p in student.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': 0.05}, {'params': no_decay, 'weight_decay': 0.0}])
+
+
+def test_diverging_run_stops_and_keeps_the_last_finite_checkpoint(task, tmp_path):
+    """lr 1e4 makes AdamW's second moment overflow at step 2 (the weights follow at step 3): the run stops
+    there naming the step, writes no model, and the checkpoint of step 1 stays whole and resumable."""
+    teacher, _, x, y = task
+    cfg = FinetuneConfig(epochs=4, batch_size=16, lr=1e4, checkpoint_every=1)
+    ck, out = str(tmp_path / 'ck'), str(tmp_path / 'out')
+    with pytest.raises(NonFiniteError, match=r'diverged at step 2/16: .* is NaN/Inf .*last checkpoint \(step 1\)'):
+        finetune(_student(task), teacher, x, y, cfg, out=out, checkpoint_dir=ck, log=None)
+    assert not os.path.exists(out)
+    state = json.load(open(os.path.join(ck, 'checkpoint.json')))
+    assert state['step'] == 1 and sorted(os.listdir(ck)) == ['checkpoint-00000001.safetensors', 'checkpoint.json']
+    fresh = _student(task)
+    load_checkpoint(ck, fresh, _opt_for(fresh))
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+    before = _files(ck)
+    res = finetune(_student(task), teacher, x, y, cfg, checkpoint_dir=ck, resume=True, stop_after=1, log=None)
+    assert res.steps == 1
+    with pytest.raises(NonFiniteError, match='diverged at step 2/16'):   # resumed: the same trajectory
+        finetune(_student(task), teacher, x, y, cfg, out=out, checkpoint_dir=ck, resume=True, log=None)
+    assert _files(ck) == before and not os.path.exists(out)
+
+
+def test_a_student_or_teacher_holding_nan_is_refused_before_training(task, tmp_path):
+    teacher, _, x, y = task
+    s = _student(task)
+    with torch.no_grad():
+        s.blocks[1].mlp.fc2.weight[0, 0] = float('nan')
+    with pytest.raises(NonFiniteError, match=r'the student holds NaN/Inf weights \(blocks\.1\.mlp\.fc2\.weight\)'):
+        finetune(s, teacher, x, y, FinetuneConfig(epochs=1, batch_size=16), out=str(tmp_path / 'o'),
+                 checkpoint_dir=str(tmp_path / 'ck'), log=None)
+    import copy
+    t = copy.deepcopy(teacher)
+    with torch.no_grad():
+        t.head.bias[1] = float('inf')
+    with pytest.raises(NonFiniteError, match=r'the teacher holds NaN/Inf weights \(head\.bias\)'):
+        finetune(_student(task), t, x, y, FinetuneConfig(epochs=1, batch_size=16), out=str(tmp_path / 'o'), log=None)
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoints_never_delete_or_replace_files_they_did_not_write(task, tmp_path):
+    """A user's checkpoint-best.safetensors / checkpoint.safetensors / checkpoint-00000099.safetensors in the
+    checkpoint folder survive a run (the cleanup matched them by pattern and deleted them)."""
+    from safetensors.torch import save_file
+    teacher, _, x, y = task
+    ck = tmp_path / 'ck'
+    ck.mkdir()
+    save_file({'w': torch.ones(3)}, str(ck / 'checkpoint-best.safetensors'))
+    (ck / 'checkpoint.safetensors').write_bytes(b'the user\'s own')
+    (ck / 'checkpoint-00000099.safetensors').write_bytes(b'also the user\'s')
+    (ck / 'notes.txt').write_text('keep me')
+    user = _files(ck)
+    finetune(_student(task), teacher, x, y, FinetuneConfig(epochs=2, batch_size=16, checkpoint_every=1),
+             checkpoint_dir=str(ck), log=None)
+    after = _files(ck)
+    assert {k: after[k] for k in user} == user
+    assert sorted(set(after) - set(user)) == ['checkpoint-00000008.safetensors', 'checkpoint.json']
+
+
+def test_a_foreign_file_where_the_weights_go_is_refused(task, tmp_path):
+    teacher, _, x, y = task
+    ck = tmp_path / 'ck'
+    ck.mkdir()
+    (ck / 'checkpoint-00000001.safetensors').write_bytes(b'not ours')
+    with pytest.raises(CheckpointError, match='checkpoint-00000001.safetensors exists and was not written by'):
+        finetune(_student(task), teacher, x, y, FinetuneConfig(epochs=1, batch_size=16, checkpoint_every=1),
+                 checkpoint_dir=str(ck), log=None)
+    assert _files(ck) == {'checkpoint-00000001.safetensors': b'not ours'}
+
+
+def test_a_fresh_run_does_not_replace_an_earlier_checkpoint_unless_told(task, tmp_path):
+    teacher, _, x, y = task
+    cfg = FinetuneConfig(epochs=1, batch_size=16)
+    ck = str(tmp_path / 'ck')
+    finetune(_student(task), teacher, x, y, cfg, checkpoint_dir=ck, stop_after=2, log=None)
+    before = _files(ck)
+    with pytest.raises(FileExistsError, match=r'holds the checkpoint of an earlier run .*resume=True'):
+        finetune(_student(task), teacher, x, y, cfg, checkpoint_dir=ck, log=None)
+    assert _files(ck) == before
+    (tmp_path / 'ck' / 'mine.txt').write_text('x')
+    finetune(_student(task), teacher, x, y, cfg, checkpoint_dir=ck, overwrite=True, log=None)
+    assert sorted(os.listdir(ck)) == ['checkpoint-00000004.safetensors', 'checkpoint.json', 'mine.txt']
+    (tmp_path / 'ck' / 'checkpoint.json').write_text('{"format": "someone-else/1"}')   # not ours: never replaced
+    for kw in ({}, {'overwrite': True}):
+        with pytest.raises(CheckpointError, match='unknown checkpoint format'):
+            finetune(_student(task), teacher, x, y, cfg, checkpoint_dir=ck, log=None, **kw)
+    assert (tmp_path / 'ck' / 'checkpoint.json').read_text() == '{"format": "someone-else/1"}'
+
+
+@pytest.fixture
+def checkpoint(task, tmp_path):
+    teacher, _, x, y = task
+    ck = str(tmp_path / 'ck')
+    finetune(_student(task), teacher, x, y, FinetuneConfig(epochs=2, batch_size=16), checkpoint_dir=ck,
+             stop_after=2, log=None)
+    return ck
+
+
+def test_a_truncated_checkpoint_is_a_checkpoint_error(task, checkpoint):
+    teacher, _, x, y = task
+    w = os.path.join(checkpoint, 'checkpoint-00000002.safetensors')
+    data = open(w, 'rb').read()
+    open(w, 'wb').write(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='not a readable safetensors file'):
+        finetune(_student(task), teacher, x, y, FinetuneConfig(epochs=2, batch_size=16), checkpoint_dir=checkpoint,
+                 resume=True, log=None)
+
+
+GARBLED = [
+    ('optimizer', 'garbage', '"optimizer" must be an object'),
+    ('optimizer', {'param_groups': 'x'}, '"optimizer" must be an object'),
+    ('optimizer', {'param_groups': [{'lr': 'fast'}]}, '1 optimizer param groups'),
+    ('optimizer', lambda o: {**o, 'param_groups': [{**g, 'betas': 'xy'} for g in o['param_groups']]}, 'betas'),
+    ('optimizer', lambda o: {**o, 'param_groups': [{**g, 'lr': None} for g in o['param_groups']]}, 'lr = None'),
+    ('optimizer', lambda o: {**o, 'param_groups': [{k: v for k, v in g.items() if k != 'eps'}
+                                                   for g in o['param_groups']]}, 'settings'),
+    ('optimizer', lambda o: {**o, 'param_groups': [{**g, 'params': g['params'][:1]} for g in o['param_groups']]},
+     'parameters'),
+    ('optimizer', lambda o: {**o, 'scalars': {'x.step': 1}}, 'malformed optimizer state'),
+    ('optimizer', lambda o: {**o, 'scalars': {'999.step': 1}}, 'optimizer state for parameter 999'),
+    ('step', 'two', '"step" must be an integer'),
+    ('step', 10 ** 6, 'past this run'),
+    ('config', 5, '"config" must be an object'),
+    ('partial_epoch', {'loss_sum': 'x'}, 'partial_epoch'),
+    ('history', {'a': 1}, '"history" must be a list'),
+]
+
+
+@pytest.mark.parametrize('key, value, match', GARBLED, ids=[str(i) for i in range(len(GARBLED))])
+def test_a_garbled_checkpoint_json_is_a_checkpoint_error(task, checkpoint, key, value, match):
+    """Every field finetune reads is checked before the model or the optimizer is touched."""
+    teacher, _, x, y = task
+    path = os.path.join(checkpoint, 'checkpoint.json')
+    meta = json.load(open(path))
+    meta[key] = value(meta[key]) if callable(value) else value
+    if key == 'step' and isinstance(value, int):   # keep the weights paired with the JSON
+        from safetensors.torch import load_file, save_file
+        w = os.path.join(checkpoint, meta['weights'])
+        t = load_file(w)
+        t['meta.step'] = torch.tensor(value)
+        save_file(t, w, metadata={'format': 'snp_fast.finetune-checkpoint/1'})
+    json.dump(meta, open(path, 'w'))
+    s = _student(task)
+    with pytest.raises(CheckpointError, match=match):
+        finetune(s, teacher, x, y, FinetuneConfig(epochs=2, batch_size=16), checkpoint_dir=checkpoint, resume=True,
+                 log=None)
+    if key != 'step':   # nothing half-loaded: the student keeps its weights
+        s2, fresh = _student(task), _student(task)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(checkpoint, s2, _opt_for(s2))
+        assert all(torch.equal(a, b) for a, b in zip(s2.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_non_finite_checkpoint_weights_are_a_checkpoint_error(task, checkpoint):
+    from safetensors.torch import load_file, save_file
+    teacher, _, x, y = task
+    w = os.path.join(checkpoint, 'checkpoint-00000002.safetensors')
+    t = load_file(w)
+    t['model.head.weight'][0, 0] = float('nan')
+    save_file(t, w, metadata={'format': 'snp_fast.finetune-checkpoint/1'})
+    with pytest.raises(CheckpointError, match=r'model|head\.weight holds NaN/Inf'):
+        finetune(_student(task), teacher, x, y, FinetuneConfig(epochs=2, batch_size=16), checkpoint_dir=checkpoint,
+                 resume=True, log=None)
