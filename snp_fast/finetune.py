@@ -21,6 +21,14 @@ epoch so far; its rename is what commits a checkpoint. The data order is a funct
 (seed, epoch) and the learning rate a function of the step, so resuming from a checkpoint gives the same
 final weights as an uninterrupted run (tested). The final model is written with snp_fast.save_pruned
 (load_pruned reads it), its recipe extended with a "finetune" entry.
+
+Reliability: the weights and AdamW moments are checked after every update; a NaN/Inf stops the run with
+NonFiniteError naming the step, before any model or checkpoint holding it is written, so the last checkpoint
+is the last finite one. Checkpointing removes or replaces only files it wrote (the JSON, and the weights file
+the previous JSON named; a crashed write's weights file of the same step, marked as snp_fast's in its header):
+a user's checkpoint-best.safetensors beside them is never touched. A fresh run refuses a folder that holds an
+earlier checkpoint unless resume=True or overwrite=True. Resuming checks every field of the checkpoint before
+the model or optimizer is changed: a truncated file, a garbled field, NaN/Inf are CheckpointError.
 """
 import json
 import math
@@ -333,8 +341,10 @@ def _check_optimizer_state(sd: dict, opt: torch.optim.Optimizer, where: str) -> 
             if k == 'params':
                 continue
             num = (int, float)
-            if isinstance(c, bool) or c is None:
-                ok = isinstance(v, bool) or v is None if c is None else isinstance(v, bool)
+            if c is None:                      # (foreach, fused: None or a flag)
+                ok = v is None or isinstance(v, bool)
+            elif isinstance(c, bool):
+                ok = isinstance(v, bool)
             elif isinstance(c, num):
                 ok = isinstance(v, num) and not isinstance(v, bool) and math.isfinite(v)
             elif isinstance(c, (tuple, list)):
@@ -355,6 +365,8 @@ def _check_optimizer_state(sd: dict, opt: torch.optim.Optimizer, where: str) -> 
                                           f'expected {want}')
                 if val.is_floating_point() and not bool(torch.isfinite(val).all()):
                     raise CheckpointError(f'{where}: optimizer state {idx}.{key} holds NaN/Inf')
+            elif not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+                raise CheckpointError(f'{where}: optimizer state {idx}.{key} = {val!r:.60} (expected a number)')
 
 
 def load_checkpoint(directory: str, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
@@ -605,7 +617,8 @@ def finetune(student: nn.Module, teacher: nn.Module, x_train: torch.Tensor, y_tr
                         last_checkpoint is not None else 'no checkpoint was written')
                 raise NonFiniteError(f'training diverged at step {step}/{total}: {bad} is NaN/Inf after the update '
                                      f'(loss {float(loss.detach()):.4g}, lr {opt.param_groups[0]["lr"]:.3g}); '
-                                     f'nothing was written, {kept}. Lower the learning rate (lr={cfg.lr:g})')
+                                     f'no model or checkpoint holding it was written ({kept}). Lower the '
+                                     f'learning rate (lr={cfg.lr:g})')
             loss_sum += loss.detach()
             n_loss += 1
             end_of_epoch = step % steps_per_epoch == 0

@@ -486,6 +486,7 @@ GARBLED = [
      'parameters'),
     ('optimizer', lambda o: {**o, 'scalars': {'x.step': 1}}, 'malformed optimizer state'),
     ('optimizer', lambda o: {**o, 'scalars': {'999.step': 1}}, 'optimizer state for parameter 999'),
+    ('optimizer', lambda o: {**o, 'scalars': {'0.step': 'one'}}, r"optimizer state 0\.step = 'one'"),
     ('step', 'two', '"step" must be an integer'),
     ('step', 10 ** 6, 'past this run'),
     ('config', 5, '"config" must be an object'),
