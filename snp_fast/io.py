@@ -403,6 +403,22 @@ def _init_computed_buffers(model: nn.Module, device) -> None:
             mod.to(dtype)
 
 
+def _check_device(device) -> None:
+    """ValueError for a device the weights cannot be loaded onto (before anything is read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f'load_pruned: device {device!r} is not a torch device: {e}') from e
+    if dev.type == 'meta':
+        raise ValueError('load_pruned: the meta device holds no data; load the weights on cpu or cuda')
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f'load_pruned: device {device!r}: CUDA is not available on this machine')
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f'load_pruned: device {device!r}: this machine has {torch.cuda.device_count()} CUDA '
+                             'device(s)')
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -435,6 +451,7 @@ def _check_weights(state: Dict[str, torch.Tensor], dtypes: Dict[str, torch.dtype
 def load_pruned(directory: str, device='cpu') -> nn.Module:
     """Rebuild a model saved by save_pruned() (no pickle; every tensor name and shape is checked)."""
     from safetensors import SafetensorError, safe_open
+    _check_device(device)
     recipe = load_recipe(directory)
     wpath = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(wpath):

@@ -94,6 +94,13 @@ def test_integer_buffers_keep_their_dtype():
                    {'w': torch.float32, 'n': torch.int64}, 'x.safetensors')
 
 
+@pytest.mark.parametrize('device, match', [('meta', 'meta device holds no data'), ('nonsense', 'not a torch device'),
+                                           ('cuda:99', 'cuda:99')])
+def test_load_refuses_a_device_it_cannot_load_onto(saved, device, match):
+    with pytest.raises(ValueError, match=match):
+        snp_fast.load_pruned(saved, device=device)
+
+
 def test_save_refuses_non_finite_weights(tmp_path):
     pruned = _tiny_pruned()
     with torch.no_grad():
