@@ -89,6 +89,36 @@ def list_files(directory: str) -> List[str]:
     return out
 
 
+# The calibration batch may take at most this share of the memory available when loading starts: the list of
+# images and their stacked copy coexist for a moment, and pruning then needs activations of the same batch.
+MEMORY_SHARE = 0.25
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available now (Linux: MemAvailable in /proc/meminfo); None where unknown."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(n: int, one: torch.Tensor, num: int) -> None:
+    """CalibError when n images like `one` would take more than MEMORY_SHARE of the available memory (it
+    was the OOM killer, after minutes of loading)."""
+    avail = _available_memory()
+    per = one.numel() * one.element_size()
+    if avail is None or n * per <= MEMORY_SHARE * avail:
+        return
+    fit = max(1, int(MEMORY_SHARE * avail // per))
+    raise CalibError(f'--num-calib {num}: {n} calibration images of {tuple(one.shape)} would take '
+                     f'{n * per / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of the {avail / 2**30:.1f} GiB of '
+                     f'memory available (pruning needs the rest); at most {fit} fit here')
+
+
 # 16-bit modes PIL opens 16-bit grayscale PNG / TIFF as
 _MODES_16 = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
@@ -168,6 +198,8 @@ def load_folder(directory: str, transform: Callable, num: int, seed: int = 0, in
             skipped.append(path)
             continue
         images.append(transform(im))
+        if len(images) == 1:
+            _check_fits(min(num, len(order)), images[0], num)
         used.append(path)
         bar.update(1)
     bar.close()
@@ -210,7 +242,9 @@ def default_calib(transform: Callable, num: int, seed: int = 0, in_chans: int = 
     if not photos:
         raise CalibError('no default calibration photos: install scikit-learn or scikit-image, or pass --calib DIR')
     conv = lambda im: convert_image(im, in_chans)  # noqa: E731
-    images = [transform(conv(im)) for _, im in photos[:num]]
+    images = [transform(conv(im)) for _, im in photos[:1]]
+    _check_fits(num, images[0], num)
+    images += [transform(conv(im)) for _, im in photos[1:num]]
     rng = random.Random(seed)
     augmented = 0
     while len(images) < num:

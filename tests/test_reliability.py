@@ -537,3 +537,21 @@ def test_non_finite_checkpoint_weights_are_a_checkpoint_error(task, checkpoint):
     with pytest.raises(CheckpointError, match=r'model|head\.weight holds NaN/Inf'):
         finetune(_student(task), teacher, x, y, FinetuneConfig(epochs=2, batch_size=16), checkpoint_dir=checkpoint,
                  resume=True, log=None)
+
+
+def test_more_calibration_images_than_fit_are_refused_at_once(tmp_path, monkeypatch):
+    """--num-calib 1000000 was killed by the OOM killer after loading; now refused after the first image."""
+    import numpy as np
+    from PIL import Image
+    from snp_fast import calib
+    monkeypatch.setattr(calib, '_available_memory', lambda: 64 * 2**20)    # 64 MiB available
+    transform = lambda im: torch.zeros(3, 224, 224)                        # noqa: E731 -- 588 KiB per image
+    with pytest.raises(calib.CalibError, match=r'--num-calib 1000000: 1000000 calibration images of \(3, 224, '
+                                               r'224\) would take 560\.8 GiB.* at most 27 fit here'):
+        calib.default_calib(transform, 1000000)
+    for i in range(40):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f'{i}.png')
+    with pytest.raises(calib.CalibError, match='--num-calib 100: 40 calibration images .* at most 27 fit'):
+        calib.load_folder(str(tmp_path), transform, 100, progress=False)
+    x, info = calib.load_folder(str(tmp_path), transform, 27, progress=False)
+    assert x.shape == (27, 3, 224, 224)
