@@ -192,7 +192,10 @@ snp_fast.save_pruned(m, sys.argv[2], overwrite=True)
 
 
 def _killed_save(src, dest, where):
-    r = subprocess.run([sys.executable, '-c', _KILLED_SAVE, src, dest, where], capture_output=True, text=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(snp_fast.__file__)))   # this checkout's snp_fast
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')])))
+    r = subprocess.run([sys.executable, '-c', _KILLED_SAVE, src, dest, where], capture_output=True, text=True,
+                       env=env)
     assert r.returncode == -9, r.stderr
 
 
