@@ -9,7 +9,6 @@ applies the recipe's widths, and loads the weights with every name and shape che
 """
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
