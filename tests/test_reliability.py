@@ -558,3 +558,18 @@ def test_more_calibration_images_than_fit_are_refused_at_once(tmp_path, monkeypa
         calib.load_folder(str(tmp_path), transform, 100, progress=False)
     x, info = calib.load_folder(str(tmp_path), transform, 27, progress=False)
     assert x.shape == (27, 3, 224, 224)
+
+
+def test_first_non_finite_names_the_tensor():
+    """The per-step check (min/max of every tensor) finds NaN, +Inf and -Inf in any float dtype, skips empty
+    (zero-width) and integer tensors, and takes the largest finite values as finite."""
+    from snp_fast.finetune import _first_non_finite
+    ok = {'a': torch.zeros(3), 'empty': torch.zeros(0, 4), 'n': torch.ones(2, dtype=torch.long),
+          'big': torch.tensor([65504.0, -65504.0], dtype=torch.float16), 'b': torch.ones(5, dtype=torch.bfloat16)}
+    assert _first_non_finite(ok.items()) is None
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for v in (float('nan'), float('inf'), -float('inf')):
+            bad = dict(ok, c=torch.ones(7, dtype=dtype), d=torch.ones(2))
+            bad['c'][4] = v
+            bad['d'][0] = float('nan')
+            assert _first_non_finite(bad.items()) == 'c', (dtype, v)
