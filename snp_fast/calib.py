@@ -8,8 +8,9 @@
   seeded random crops (a quarter to all of the photo's area) and horizontal flips of those photos fill
   the rest: real image content, never noise.
 
-Images go through the model's own timm evaluation transform (resolve_model_data_config +
-create_transform(is_training=False)), with the input size taken from the model itself.
+Every PIL mode is converted with its range (convert_image: 16-bit / 257, float [0, 1] x 255, alpha over
+white), not clipped by convert('RGB'). Images go through the model's own timm evaluation transform
+(resolve_model_data_config + create_transform(is_training=False)), with the input size taken from the model.
 """
 import os
 import random
@@ -19,8 +20,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['CalibError', 'CalibInfo', 'data_config', 'eval_transform', 'list_files', 'load_folder', 'sample_photos_pil',
-           'default_calib', 'load_calib', 'denormalize']
+__all__ = ['CalibError', 'CalibInfo', 'convert_image', 'data_config', 'eval_transform', 'list_files', 'load_folder',
+           'sample_photos_pil', 'default_calib', 'load_calib', 'denormalize']
 
 
 class CalibError(ValueError):
@@ -88,11 +89,90 @@ def list_files(directory: str) -> List[str]:
     return out
 
 
+# The calibration batch may take at most this share of the memory available when loading starts: the list of
+# images and their stacked copy coexist for a moment, and pruning then needs activations of the same batch.
+MEMORY_SHARE = 0.25
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available now (Linux: MemAvailable in /proc/meminfo); None where unknown."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(n: int, one: torch.Tensor, num: int) -> None:
+    """CalibError when n images like `one` would take more than MEMORY_SHARE of the available memory (it
+    was the OOM killer, after minutes of loading)."""
+    avail = _available_memory()
+    per = one.numel() * one.element_size()
+    if avail is None or n * per <= MEMORY_SHARE * avail:
+        return
+    fit = max(1, int(MEMORY_SHARE * avail // per))
+    raise CalibError(f'--num-calib {num}: {n} calibration images of {tuple(one.shape)} would take '
+                     f'{n * per / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of the {avail / 2**30:.1f} GiB of '
+                     f'memory available (pruning needs the rest); at most {fit} fit here')
+
+
+# 16-bit modes PIL opens 16-bit grayscale PNG / TIFF as
+_MODES_16 = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def convert_image(im, in_chans: int = 3):
+    """A PIL image of any mode as 8-bit 'RGB' (in_chans 3) or 'L' (in_chans 1), with its range kept
+    (PIL's convert('RGB') clips 16-bit and float images to white, or a [0, 1] float image to black):
+
+    * 16-bit grayscale (I;16*): value / 257 (65535 -> 255).
+    * 32-bit integer (I): values within [0, 255] are taken as 8-bit, within [0, 65535] as 16-bit (/ 257; a
+      16-bit PNG opens as I in older Pillows), any other range is stretched from its min..max to 0..255.
+    * float (F): within [0, 1] -> x 255; else within [0, 255] -> as it is; else its min..max -> 0..255.
+      NaN/Inf pixels: ValueError (load_folder skips and counts the file).
+    * with transparency (RGBA, LA, PA, P with a transparent colour): composited over white, not the hidden
+      colour under transparent pixels.
+    * 1 (bilevel): 0 / 255. CMYK, YCbCr, HSV, RGBX...: PIL's own conversion.
+    """
+    import numpy as np
+    from PIL import Image
+    target = 'L' if in_chans == 1 else 'RGB'
+    mode = im.mode
+    if mode in _MODES_16 or mode in ('I', 'F'):
+        a = np.asarray(im).astype(np.float64)
+        if a.ndim != 2:
+            raise ValueError(f'a {mode} image of shape {a.shape} (expected one channel)')
+        if not np.isfinite(a).all():
+            raise ValueError(f'the {mode} image holds NaN/Inf pixels')
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode in _MODES_16:
+            a = a / 257
+        elif mode == 'F' and lo >= 0 and hi <= 1:
+            a = a * 255
+        elif lo >= 0 and hi <= 255:
+            pass
+        elif mode == 'I' and lo >= 0 and hi <= 65535:
+            a = a / 257
+        else:
+            a = (a - lo) * (255 / (hi - lo))
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
+    elif mode == 'P':
+        im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
+    elif mode in ('LA', 'La', 'PA', 'RGBa'):
+        im = im.convert('RGBA')
+    if im.mode == 'RGBA':
+        white = Image.new('RGBA', im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im if im.mode == target else im.convert(target)
+
+
 def _open_rgb(path: str, in_chans: int):
     from PIL import Image
     with Image.open(path) as im:
         im.load()
-        return im.convert('L' if in_chans == 1 else 'RGB')
+        return convert_image(im, in_chans)
 
 
 def load_folder(directory: str, transform: Callable, num: int, seed: int = 0, in_chans: int = 3,
@@ -118,6 +198,8 @@ def load_folder(directory: str, transform: Callable, num: int, seed: int = 0, in
             skipped.append(path)
             continue
         images.append(transform(im))
+        if len(images) == 1:
+            _check_fits(min(num, len(order)), images[0], num)
         used.append(path)
         bar.update(1)
     bar.close()
@@ -159,8 +241,10 @@ def default_calib(transform: Callable, num: int, seed: int = 0, in_chans: int = 
     photos = sample_photos_pil()
     if not photos:
         raise CalibError('no default calibration photos: install scikit-learn or scikit-image, or pass --calib DIR')
-    conv = (lambda im: im.convert('L')) if in_chans == 1 else (lambda im: im)
-    images = [transform(conv(im)) for _, im in photos[:num]]
+    conv = lambda im: convert_image(im, in_chans)  # noqa: E731
+    images = [transform(conv(im)) for _, im in photos[:1]]
+    _check_fits(num, images[0], num)
+    images += [transform(conv(im)) for _, im in photos[1:num]]
     rng = random.Random(seed)
     augmented = 0
     while len(images) < num:
