@@ -24,8 +24,8 @@ import torch
 from ..presets import INFO_KEYS, list_presets, load_preset
 from ..ratios import check_ratio, keep_count
 
-__all__ = ['BlockDims', 'ModelDims', 'BlockSelection', 'Selection', 'resolve_ratios', 'target_dims', 'DROP_KEYS',
-           'RATIO_KEYS']
+__all__ = ['BlockDims', 'ModelDims', 'BlockSelection', 'Selection', 'resolve_ratios', 'target_dims', 'width_lines',
+           'DROP_KEYS', 'RATIO_KEYS']
 
 
 @dataclass
@@ -179,3 +179,14 @@ def target_dims(orig: ModelDims, ratios: Dict, notes: List[str]) -> ModelDims:
             v=keep_count(b.v, r['v'], f'blocks.{i} v per head', notes),
             mlp=mlp))
     return ModelDims(keep_count(orig.embed, ratios['embed'], 'embedding', notes), blocks)
+
+
+def width_lines(before: ModelDims, after: ModelDims, stream: str = 'embed', unit: str = 'block') -> List[str]:
+    """The report's width table: the stream's width, then per block heads, q/k and v per head, FFN neurons
+    (0 heads / 0 fc1: the branch is dropped)."""
+    lines = [f'{stream} {before.embed} -> {after.embed}',
+             f'{unit:>5} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
+    for i, (x, y) in enumerate(zip(before.blocks, after.blocks)):
+        lines.append(f'{i:>5} {x.heads:>2} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} '
+                     f'{x.mlp:>4} -> {y.mlp:<5}')
+    return lines

@@ -69,30 +69,19 @@ class EfficientFormerFamily(Family):
     supported = SUPPORTED
     dims_type = EfficientFormerDims
     selection_type = EfficientFormerSelection
+    # structure and widths: the folder's own functions
+    check_supported = staticmethod(check_supported)
+    model_dims = staticmethod(model_dims)
+    apply_dims = staticmethod(apply_dims)
+    target_dims = staticmethod(target_dims)
+    preset_mismatch = staticmethod(preset_mismatch)
+    slice_plan = staticmethod(slice_plan)
 
     def claims(self, model):
         return is_efficientformer(model)
 
-    def check_supported(self, model):
-        check_supported(model)
-
-    def model_dims(self, model):
-        return model_dims(model)
-
-    def apply_dims(self, model, dims):
-        return apply_dims(model, dims)
-
     def resolve_ratios(self, spec, dims):
         return resolve_ratios(spec, dims)
-
-    def target_dims(self, dims, ratios, notes):
-        return target_dims(dims, ratios, notes)
-
-    def preset_mismatch(self, name, dims):
-        return preset_mismatch(name, dims)
-
-    def slice_plan(self, model, selection):
-        return slice_plan(model, selection)
 
     def selection_dims(self, selection, dims_before):
         return selection.dims(dims_before)

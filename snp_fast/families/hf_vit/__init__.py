@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..base import Family, UnsupportedModelError
 from ..registry import register_family
-from ..uniform import BlockDims, BlockSelection, ModelDims, Selection, resolve_ratios, target_dims
+from ..uniform import BlockDims, BlockSelection, ModelDims, Selection, resolve_ratios, target_dims, width_lines
 from .layers import PrunedHFAttention
 from .steps import LayerStep, prefix, refit_heads, select_embed
 from .structure import CLASSES, SUPPORTED, backbone_name, check_supported, is_hf_vit, layers_name, model_dims
@@ -36,18 +36,15 @@ class HFViTFamily(Family):
     supported = SUPPORTED
     dims_type = ModelDims
     selection_type = Selection
+    # structure and widths: the folder's own functions
+    check_supported = staticmethod(check_supported)
+    model_dims = staticmethod(model_dims)
+    apply_dims = staticmethod(apply_dims)
+    target_dims = staticmethod(target_dims)
+    slice_plan = staticmethod(slice_plan)
 
     def claims(self, model):
         return is_hf_vit(model)
-
-    def check_supported(self, model):
-        check_supported(model)
-
-    def model_dims(self, model):
-        return model_dims(model)
-
-    def apply_dims(self, model, dims):
-        return apply_dims(model, dims)
 
     def resolve_ratios(self, spec, dims):
         if isinstance(spec, str):
@@ -57,22 +54,11 @@ class HFViTFamily(Family):
             raise ValueError('dropping whole branches (drop_attn / drop_mlp) is not supported for transformers models')
         return spec
 
-    def target_dims(self, dims, ratios, notes):
-        return target_dims(dims, ratios, notes)
-
     def preset_mismatch(self, name, dims):
         raise ValueError(f'preset {name!r} is for timm models; give ratios= for a transformers model')
 
-    def slice_plan(self, model, selection):
-        return slice_plan(model, selection)
-
     def width_lines(self, before: ModelDims, after: ModelDims) -> List[str]:
-        lines = [f'hidden {before.embed} -> {after.embed}',
-                 f'{"layer":>5} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
-        for i, (x, y) in enumerate(zip(before.blocks, after.blocks)):
-            lines.append(f'{i:>5} {x.heads:>2} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} '
-                         f'{x.mlp:>4} -> {y.mlp:<5}')
-        return lines
+        return width_lines(before, after, 'hidden', 'layer')
 
     # --- rebuilding ------------------------------------------------------------------------------
     def rebuild_info(self, model, timm_name, timm_kwargs):

@@ -17,6 +17,7 @@ from typing import List
 from ...slicing import Plan
 from ..base import Family, UnsupportedModelError
 from ..registry import register_family
+from ..uniform import width_lines
 from . import roles
 from .branches import BRANCH_CRITERIA, branch_scores, choose_dropped
 from .layers import PrunedAttention, PrunedRelPosAttention
@@ -39,38 +40,22 @@ class ViTFamily(Family):
     supported = SUPPORTED
     dims_type = ModelDims
     selection_type = Selection
+    # structure and widths: the folder's own functions
+    check_supported = staticmethod(check_supported)
+    model_dims = staticmethod(model_dims)
+    apply_dims = staticmethod(apply_dims)
+    target_dims = staticmethod(target_dims)
+    preset_mismatch = staticmethod(preset_mismatch)
+    slice_plan = staticmethod(slice_plan)
 
     def claims(self, model):
         return is_vit(model)
 
-    def check_supported(self, model):
-        check_supported(model)
-
-    def model_dims(self, model):
-        return model_dims(model)
-
-    def apply_dims(self, model, dims):
-        return apply_dims(model, dims)
-
     def resolve_ratios(self, spec, dims):
         return resolve_ratios(spec, len(dims.blocks))
 
-    def target_dims(self, dims, ratios, notes):
-        return target_dims(dims, ratios, notes)
-
-    def preset_mismatch(self, name, dims):
-        return preset_mismatch(name, dims)
-
-    def slice_plan(self, model, selection):
-        return slice_plan(model, selection)
-
     def width_lines(self, before: ModelDims, after: ModelDims) -> List[str]:
-        lines = [f'embed {before.embed} -> {after.embed}',
-                 f'{"block":>5} {"heads":>8} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}']
-        for i, (x, y) in enumerate(zip(before.blocks, after.blocks)):  # 0 heads / 0 fc1: the branch is dropped
-            lines.append(f'{i:>5} {x.heads:>2} -> {y.heads:<2} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} '
-                         f'{x.mlp:>4} -> {y.mlp:<5}')
-        return lines
+        return width_lines(before, after)
 
     # --- pipeline hooks ----------------------------------------------------------------------------
     def check_calib(self, model, calib):
