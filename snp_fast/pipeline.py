@@ -135,6 +135,7 @@ def prune(
         ctx.dims_after = family.target_dims(ctx.dims_before, spec, ctx.notes)
     family.check_request(ctx)
     rebuild = family.rebuild_info(model, timm_name, timm_kwargs)
+    rebuild['data_config'] = family.data_config(model)
 
     with eval_mode(model) as modes, ops.prefer(backend), ops.precision(precision):  # every op: `backend` where it has it
         pruned, kept = _run(family, ctx)

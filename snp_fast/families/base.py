@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..settings import PruneContext
 from ..slicing import Plan
+from ..calib import data_config
 from ..timm_config import build_timm_skeleton, resolve_timm_config
 
 __all__ = ['Family', 'Step', 'UnsupportedModelError']
@@ -108,6 +109,11 @@ class Family(ABC):
         """What a recipe records to rebuild the unpruned architecture (default: its timm name and kwargs)."""
         name, kwargs, why = resolve_timm_config(model, timm_name, timm_kwargs)
         return {'timm_name': name, 'timm_kwargs': kwargs, 'timm_unavailable': why}
+
+    def data_config(self, model: nn.Module) -> Optional[dict]:
+        """The model's evaluation preprocessing (timm's data config keys), recorded in the recipe so that the
+        pruned model is evaluated as its original was; None where the family has none."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
 
     def rebuild_problem(self, recipe: dict) -> str:
         """Why a recipe cannot be rebuilt ('' when it can)."""

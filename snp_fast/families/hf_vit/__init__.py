@@ -68,6 +68,9 @@ class HFViTFamily(Family):
         return {'timm_name': None, 'timm_kwargs': {}, 'timm_unavailable': 'a transformers model',
                 'hf_class': type(model).__name__, 'hf_config': model.config.to_dict()}
 
+    def data_config(self, model):
+        return None  # (a transformers model's preprocessing lives in its image processor, not in the model)
+
     def rebuild_problem(self, recipe):
         return '' if recipe.get('hf_config') and recipe.get('hf_class') else 'the recipe has no transformers config'
 
