@@ -2,6 +2,7 @@
 
     vit/              timm VisionTransformer, VisionTransformerRelPos, Eva
     efficientformer/  timm EfficientFormer V1
+    swin/             timm Swin Transformer (V1)
 
 Adding a family is adding its folder and importing it below.
 """
@@ -10,6 +11,7 @@ from .registry import families, family_for_recipe, family_named, family_of, regi
 
 from . import vit  # noqa: E402,F401  (each registers itself)
 from . import efficientformer  # noqa: E402,F401
+from . import swin  # noqa: E402,F401
 
 __all__ = ['Family', 'Step', 'UnsupportedModelError', 'families', 'family_of', 'family_named', 'family_for_recipe',
-           'register_family', 'vit', 'efficientformer']
+           'register_family', 'vit', 'efficientformer', 'swin']
