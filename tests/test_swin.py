@@ -75,7 +75,9 @@ def test_pruned_attention_keeps_the_original_scale_and_the_whole_bias_table(mode
 
 
 def test_refit_helps_on_held_out_images(model):
-    calib, held = images(32, 1), images(16, 2)
+    # (random weights: with 32 images the classifier's re-fit interpolates them and held-out images gain nothing;
+    # 128 images make it a fit)
+    calib, held = images(128, 1), images(64, 2)
     ref = _run(model, held)
     errs = {}
     for refit in (False, True):
@@ -147,7 +149,7 @@ def test_errors_are_clear(model):
         snp_fast.prune(model, images(2, 1), preset='deit_small_patch16_224')
     with pytest.raises(ValueError, match='no Swin presets'):
         snp_fast.prune(model, images(2, 1), 'efficientformer_l1_0p6G')
-    with pytest.raises(ValueError, match='2 stage ratios'):
+    with pytest.raises(ValueError, match='gives 3 stage ratios but the model has 2 stages'):
         snp_fast.prune(model, images(2, 1), {'embed': [.5, .5, .5]})
     with pytest.raises(ValueError, match='drop_attn / drop_mlp are ViT-only'):
         snp_fast.prune(model, images(2, 1), {'drop_mlp': 1})
