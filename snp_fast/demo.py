@@ -101,7 +101,7 @@ def load_digits_swin():
     return model.eval()
 
 
-def train_digits_swin(epochs: int = 60, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, **overrides):
+def train_digits_swin(epochs: int = 100, seed: int = 0, batch_size: int = 64, lr: float = 3e-3, **overrides):
     """Train the digits Swin from scratch (deterministic for a seed); returns (model, data)."""
     torch.manual_seed(seed)
     data = digits_data(seed=seed)
