@@ -176,7 +176,11 @@ def test_errors_are_clear(model):
 def test_trained_digits_swin_loses_at_most_1p5_points_at_half_of_every_width():
     """The Swin trained here on real digits (committed fixture, tests/make_swin_digits_checkpoint.py): removing 50 %
     of q/k, v, fc1 AND both stage widths, then the re-fit from 256 training images, loses at most 1.5 points of
-    top-1 on the 500 held-out digits, while slicing alone loses far more."""
+    top-1 on the 500 held-out digits, while slicing alone loses far more.
+
+    Measured when the fixture was committed: 96.0 % unpruned, 94.4 % with the re-fit (-1.6 points: 8 of 500 images,
+    one more than the 1.5-point bound allows, so this test FAILS; left as the issue states it, for the lead to
+    decide), 15.8 % without. Same setting with 64 / 512 calibration images: 91.8 % / 94.6 %."""
     from snp_fast.demo import accuracy, digits_data, load_digits_swin
     model = load_digits_swin()
     x_tr, _, x_te, y_te = digits_data()
