@@ -71,7 +71,8 @@ class MergeStep(Step):
         self.name = f'layers.{s}.downsample'
 
     def taps(self, ctx, pre):
-        return {'out': (self.original.reduction, 'out', self.kept)} if ctx.refit else {}
+        red = self.original.reduction
+        return {'out': (red, 'out', self.kept.to(red.weight.device))} if ctx.refit else {}
 
     def refit(self, ctx, x, xp, cap, sel):
         red = self.pruned.reduction
@@ -96,7 +97,7 @@ class BlockStep(Step):
         a, m = self.original.attn, self.original.mlp
         taps = {'qkv': (a.qkv, 'out')}
         if ctx.refit:
-            e = self.kept
+            e = self.kept.to(a.proj.weight.device)
             taps.update(proj_out=(a.proj, 'out', e), fc1=(m.fc1, 'out'), fc2_out=(m.fc2, 'out', e))
         if self.bd.mlp < self.od.mlp and (ctx.settings.mlp_criterion == 'activation' or ctx.wants('fc2_in')):
             taps['fc2_in'] = (m.fc2, 'in')
@@ -124,12 +125,11 @@ class BlockStep(Step):
                 else (lambda: None)
             mlp = choose(ctx.selector, self._group('mlp', bd.mlp, (m.fc1.out_features,), cap),
                          lambda: ctx.row_scores(m.fc1.weight, s.mlp_criterion, act()))
-        qkv = cap.get('qkv')
-        qk_of = None
-        if qkv is not None:  # (windows, N, 3·H·d) -> q, k as (windows, H, N, d): the windows are the "images"
-            def qk_of(heads):
-                t = qkv.view(*qkv.shape[:2], 3, H, d)[:, :, :2, heads].permute(2, 0, 3, 1, 4)
-                return t[0], t[1]
+        qkv = cap.get('qkv')  # (windows, N, 3·H·d), or None without calibration images
+
+        def qk_of(heads):  # q, k of those heads as (windows, H', N, d): the windows are the "images"
+            t = qkv.view(*qkv.shape[:2], 3, H, d)[:, :, :2, heads].permute(2, 0, 3, 1, 4)
+            return t[0], t[1]
         if bd.heads == H:
             heads = torch.arange(H)
         else:
