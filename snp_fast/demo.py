@@ -16,8 +16,9 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['digits_data', 'digits_vit', 'load_digits_vit', 'train_digits_vit', 'faces_data', 'faces_vit',
-           'load_faces_vit', 'faces_crop', 'train_faces_vit', 'accuracy', 'sample_photos']
+__all__ = ['digits_data', 'digits_vit', 'load_digits_vit', 'train_digits_vit', 'digits_swin', 'load_digits_swin',
+           'train_digits_swin', 'faces_data', 'faces_vit', 'load_faces_vit', 'faces_crop', 'train_faces_vit',
+           'accuracy', 'sample_photos']
 
 DIGITS_VIT = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4,
                   mlp_ratio=4.0)
@@ -76,6 +77,36 @@ def train_digits_vit(epochs: int = 80, seed: int = 0, batch_size: int = 32, lr: 
     x_tr, y_tr = data[0], data[1]
     model = digits_vit(**overrides)
     _train(model, x_tr, y_tr, epochs, seed, batch_size, lr)
+    return model.eval(), data
+
+
+# The same task for a Swin Transformer: 1x1 patches (an 8x8 grid), windows of 4 (stage 0: four windows and a
+# shifted block; stage 1 after patch merging: one 4x4 window), widths 32 / 64.
+DIGITS_SWIN = dict(img_size=8, patch_size=1, in_chans=1, num_classes=10, embed_dim=32, depths=(2, 2),
+                   num_heads=(2, 4), window_size=4, drop_path_rate=0.0)
+
+
+def digits_swin(**overrides):
+    import timm
+    return timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, **{**DIGITS_SWIN, **overrides})
+
+
+def load_digits_swin():
+    """The digits Swin shipped with the package (tests/make_swin_digits_checkpoint.py made it)."""
+    import os
+    from safetensors.torch import load_file
+    model = digits_swin()
+    path = os.path.join(os.path.dirname(__file__), 'data', 'swin_digits.safetensors')
+    model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+    return model.eval()
+
+
+def train_digits_swin(epochs: int = 100, seed: int = 0, batch_size: int = 64, lr: float = 3e-3, **overrides):
+    """Train the digits Swin from scratch (deterministic for a seed); returns (model, data)."""
+    torch.manual_seed(seed)
+    data = digits_data(seed=seed)
+    model = digits_swin(**overrides)
+    _train(model, data[0], data[1], epochs, seed, batch_size, lr)
     return model.eval(), data
 
 

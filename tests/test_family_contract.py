@@ -15,6 +15,7 @@ from snp_fast.io import load_pruned, save_pruned
 from snp_fast.macs import count_macs, meta_copy
 
 from test_efficientformer import tiny_efficientformer
+from test_swin import images as swin_images, tiny_swin
 
 
 def _vit():
@@ -43,8 +44,12 @@ def _hf_vit():
     return m, lambda n, seed: torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def _swin():
+    return tiny_swin(), lambda n, seed: swin_images(n, seed)
+
+
 # family name -> tiny model + image maker; ratios whose removals have an exact masked twin (no stream channels)
-FIXTURES = {'vit': _vit, 'efficientformer': _efficientformer, 'hf_vit': _hf_vit}
+FIXTURES = {'vit': _vit, 'efficientformer': _efficientformer, 'hf_vit': _hf_vit, 'swin': _swin}
 INNER = {'qk': .5, 'v': .5, 'mlp': .5, 'heads': .25}
 NAMES = sorted(f.name for f in families())
 

@@ -3,6 +3,7 @@
     vit/              timm VisionTransformer, VisionTransformerRelPos, Eva
     efficientformer/  timm EfficientFormer V1
     hf_vit/           Hugging Face transformers ViT, DeiT, DINOv2
+    swin/             timm Swin Transformer (V1)
 
 Adding a family is adding its folder and importing it below.
 """
@@ -12,6 +13,7 @@ from .registry import families, family_for_recipe, family_named, family_of, regi
 from . import vit  # noqa: E402,F401  (each registers itself)
 from . import efficientformer  # noqa: E402,F401
 from . import hf_vit  # noqa: E402,F401
+from . import swin  # noqa: E402,F401
 
 __all__ = ['Family', 'Step', 'UnsupportedModelError', 'families', 'family_of', 'family_named', 'family_for_recipe',
-           'register_family', 'vit', 'efficientformer', 'hf_vit']
+           'register_family', 'vit', 'efficientformer', 'hf_vit', 'swin']
