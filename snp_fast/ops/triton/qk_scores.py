@@ -53,13 +53,46 @@ MAX_SWEEPS = 30        # Jacobi sweeps at most (6-10 needed at d ≤ 128; the ca
 JACOBI_TOL = 1e-14     # converged when max|B_ij| (i ≠ j) ≤ JACOBI_TOL · max|B_ii|
 PIVOT_RTOL = 1e-12     # the pivoted Cholesky stops below this fraction of a filter's own squared norm
 SIGMA2_RTOL = 1e-8     # σ_j² > SIGMA2_RTOL σ_1²: reference.singular_value_rtol(float32)²
+LR_STEPS = 1           # Cholesky-LR steps before Jacobi (BENCHMARKS.md: sweeps and error by LR_STEPS)
+LR_RTOL = 1e-14        # their pivoted Cholesky's stop (what is dropped is below Jacobi's own tolerance)
+
+
+@triton.jit
+def _pivoted_cholesky(g, diag, n, D: tl.constexpr, RTOL: tl.constexpr):
+    """Rows of R (D×D, row r = the r-th pivot's, columns in g's order; zero rows past the rank) with
+    RᵀR = g up to what is dropped: right-looking, pivoting on and stopping at the residual of each column
+    relative to its own diagonal (RTOL), as the CPU kernel's pivoted_cholesky (csrc/cpu/qk_scores_cpu.cpp)."""
+    rows = tl.arange(0, D)
+    cols = tl.arange(0, D)
+    s_res = g
+    dres = diag
+    inv_diag = tl.where(diag > 0, 1.0 / tl.where(diag > 0, diag, 1.0), 0.0)
+    done = cols < 0
+    r_mat = tl.zeros((D, D), dtype=tl.float64)
+    for r in range(0, n):
+        score = tl.where(done, -1.0, dres * inv_diag)
+        best = tl.max(score, axis=0)
+        p = tl.argmax(score, axis=0)                        # first of equal maxima, as the CPU kernel
+        ok = (tl.zeros((D,), dtype=tl.float64) + best) > RTOL   # (as a vector: the interpreter's
+        piv = tl.sum(tl.where(cols == p, dres, 0.0), axis=0)    # scalar-bool & vector-bool fails)
+        sp = tl.sqrt(tl.where(best > RTOL, piv, 1.0))
+        srow = tl.sum(tl.where(rows[:, None] == p, s_res, 0.0), axis=0)   # residual row p
+        row = tl.where(done, 0.0, srow / sp)
+        row = tl.where(cols == p, sp, row)
+        row = tl.where(ok, row, 0.0)
+        r_mat = tl.where(rows[:, None] == r, row[None, :], r_mat)
+        s_res = s_res - row[:, None] * row[None, :]
+        dres = dres - row * row
+        done = done | ((cols == p) & ok)
+    return r_mat
 
 
 @triton.jit
 def _qk_scores_kernel(q_ptr, k_ptr, out_ptr, sweeps_ptr, H, N, d, gamma,
                       sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
                       D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SWEEPS: tl.constexpr,
-                      JACOBI_TOL: tl.constexpr, PIVOT_RTOL: tl.constexpr, SIGMA2_RTOL: tl.constexpr):
+                      JACOBI_TOL: tl.constexpr, PIVOT_RTOL: tl.constexpr, SIGMA2_RTOL: tl.constexpr,
+                      LR_STEPS: tl.constexpr, LR_RTOL: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -83,32 +116,21 @@ def _qk_scores_kernel(q_ptr, k_ptr, out_ptr, sweeps_ptr, H, N, d, gamma,
     qn2 = tl.sum(tl.where(eye, gq, 0.0), axis=0)          # ‖q_i‖², (D,) by filter
     kn2 = tl.sum(tl.where(eye, gk, 0.0), axis=0)
 
-    # 2. pivoted Cholesky RᵀR = G_q (rows of R in pivot order, columns in filter order), right-looking
-    s_res = gq
-    dres = qn2
-    inv_diag = tl.where(qn2 > 0, 1.0 / tl.where(qn2 > 0, qn2, 1.0), 0.0)
-    done = cols < 0
-    r_mat = tl.zeros((D, D), dtype=tl.float64)
-    for r in range(0, d):
-        score = tl.where(done, -1.0, dres * inv_diag)
-        best = tl.max(score, axis=0)
-        p = tl.argmax(score, axis=0)                        # first of equal maxima, as the CPU kernel
-        ok = (tl.zeros((D,), dtype=tl.float64) + best) > PIVOT_RTOL   # (as a vector: the interpreter's
-        piv = tl.sum(tl.where(cols == p, dres, 0.0), axis=0)          # scalar-bool & vector-bool fails)
-        sp = tl.sqrt(tl.where(best > PIVOT_RTOL, piv, 1.0))
-        srow = tl.sum(tl.where(rows[:, None] == p, s_res, 0.0), axis=0)   # residual row p
-        row = tl.where(done, 0.0, srow / sp)
-        row = tl.where(cols == p, sp, row)
-        row = tl.where(ok, row, 0.0)
-        r_mat = tl.where(rows[:, None] == r, row[None, :], r_mat)
-        s_res = s_res - row[:, None] * row[None, :]
-        dres = dres - row * row
-        done = done | ((cols == p) & ok)
+    # 2. pivoted Cholesky RᵀR = G_q (rows of R in pivot order, columns in filter order)
+    r_mat = _pivoted_cholesky(gq, qn2, d, D, PIVOT_RTOL)
 
-    # 3. B = R G_k Rᵀ (symmetrised), P = R G_k
+    # 3. B = R G_k Rᵀ (symmetrised), P = R G_k; then LR_STEPS Cholesky-LR steps B = LᵀL -> L Lᵀ (pivoted:
+    #    the similar matrix is graded and nearly diagonal, so that Jacobi needs fewer sweeps); E collects
+    #    Lᵀ ⋯ so that the eigenvectors of B are the normalised columns of E Y (Y: those of the last matrix)
     p_mat = tl.dot(r_mat, gk)
     a = tl.dot(p_mat, tl.trans(r_mat))
     a = 0.5 * (a + tl.trans(a))
+    e_mat = tl.where(eye, 1.0, 0.0).to(tl.float64)
+    for _ in tl.static_range(LR_STEPS):
+        l_mat = _pivoted_cholesky(a, tl.sum(tl.where(eye, a, 0.0), axis=0), d, D, LR_RTOL)
+        e_mat = tl.dot(e_mat, tl.trans(l_mat))
+        a = tl.dot(l_mat, tl.trans(l_mat))
+        a = 0.5 * (a + tl.trans(a))
 
     # 4. cyclic Jacobi, round-robin order: round r pairs i with (2r − i) mod (D − 1), and D − 1 with the
     #    index left over (r); every pair meets once in the D − 1 rounds of a sweep
@@ -152,6 +174,10 @@ def _qk_scores_kernel(q_ptr, k_ptr, out_ptr, sweeps_ptr, H, N, d, gamma,
     rank = tl.sum(before.to(tl.int32), axis=0)
     sel = (rank < gamma) & (lam > SIGMA2_RTOL * lam1)   # (padded components: λ = 0, never rotated in)
     inv_sigma = tl.where(sel, 1.0 / tl.sqrt(tl.where(sel, lam, 1.0)), 0.0)   # (D,) by component j
+    if LR_STEPS > 0:
+        v = tl.dot(e_mat, v)                                # eigenvectors of B, up to their norms
+        vn = tl.sqrt(tl.sum(v * v, axis=0))
+        v = v / tl.where(vn > 0, vn, 1.0)[None, :]
     cu = tl.dot(tl.trans(v), r_mat)                         # [j, i] = x_jᵀ r_i
     cv = tl.dot(tl.trans(v), p_mat)                         # [j, i] = x_jᵀ (R G_k)_i = σ_j ‖k_i‖ cos(v_j, k_i)
     terms = tl.abs(cu * cv) * inv_sigma[:, None]
@@ -167,7 +193,8 @@ def num_warps(D: int) -> int:
     return 4 if D <= 32 else (8 if D <= 64 else 16)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, gamma: int, *, block_n: int, max_sweeps: int):
+def _launch(q: torch.Tensor, k: torch.Tensor, gamma: int, *, block_n: int, max_sweeps: int,
+            lr_steps: int = LR_STEPS):
     """(scores (H, d) float32, Jacobi sweeps per (image, head) (B, H) int32), both on q's device."""
     B, H, N, d = q.shape
     D = max(16, triton.next_power_of_2(d))
@@ -177,7 +204,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, gamma: int, *, block_n: int, max_s
         _qk_scores_kernel[(B * H,)](
             q, k, per_task, sweeps, H, N, d, gamma, *q.stride(), *k.stride(),
             D=D, BLOCK_N=block_n, MAX_SWEEPS=max_sweeps, JACOBI_TOL=JACOBI_TOL, PIVOT_RTOL=PIVOT_RTOL,
-            SIGMA2_RTOL=SIGMA2_RTOL, num_warps=num_warps(D))
+            SIGMA2_RTOL=SIGMA2_RTOL, LR_STEPS=lr_steps, LR_RTOL=LR_RTOL, num_warps=num_warps(D))
     return per_task.sum(0)[:, :d].float(), sweeps
 
 
