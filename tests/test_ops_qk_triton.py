@@ -19,8 +19,8 @@ import torch
 import snp_fast.ops as ops
 from snp_fast.ops import dispatch, reference
 
-pytestmark = pytest.mark.skipif('triton' not in ops.available_backends('qk_scores', 'cpu')
-                                and not torch.cuda.is_available(), reason='Triton not available')
+pytestmark = pytest.mark.skipif(not dispatch._triton_ok(torch.device('cuda' if torch.cuda.is_available() else 'cpu')),
+                                reason='Triton not available (nor its interpreter)')
 
 from test_ops import EPS32, assert_close_verbose, check_qk, literal_all_gammas  # noqa: E402
 
@@ -198,6 +198,8 @@ def test_auto_takes_triton_for_qk_scores_on_cuda():
         pytest.skip('triton not importable')
     assert dispatch.resolve('qk_scores', 'auto', 'cuda') is dispatch._TABLE['qk_scores']['triton']
     assert dispatch.resolve('qk_scores', 'auto', 'cpu') is not dispatch._TABLE['qk_scores']['triton']
+    assert 'triton' not in ops.available_backends('qk_scores', 'cpu')   # (the interpreter: far too slow)
+    assert 'triton' in ops.available_backends('qk_scores', 'cuda')
     with ops.prefer('compiled'):
         want = 'compiled' if ops.has_kernel('qk_scores', 'CUDA') else 'triton'
         assert dispatch.resolve('qk_scores', 'auto', 'cuda') is dispatch._TABLE['qk_scores'][want]

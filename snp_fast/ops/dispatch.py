@@ -47,6 +47,9 @@ _AUTO_ORDER_OP = {
     # solves them on the host's cores (ops/triton/qk_scores.py)
     ('qk_scores', 'cuda'): ('triton', 'compiled', 'reference'),
 }
+# Triton kernels offered on CUDA tensors only: under the CPU interpreter the Q/K kernel takes ~5 s per
+# (image, head) at d = 64, hours for a prune (its tests call ops/triton/qk_scores.py directly).
+_TRITON_GPU_ONLY = {'qk_scores'}
 # (op, device type) where the reference IS the native route (torch.linalg's cuSOLVER): no "slower" warning.
 _REFERENCE_IS_NATIVE = {('cholesky_solve_', 'cuda')}
 
@@ -108,7 +111,7 @@ def _available(op: str, backend: str, device: torch.device) -> bool:
     if backend == 'compiled':
         return device.type in ('cpu', 'cuda') and has_kernel(op, device.type.upper())
     if backend == 'triton':
-        return _triton_ok(device)
+        return _triton_ok(device) and (device.type == 'cuda' or op not in _TRITON_GPU_ONLY)
     return False
 
 

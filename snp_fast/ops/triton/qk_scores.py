@@ -18,6 +18,10 @@ tl.gather uses), nothing goes back to the host:
   5. cos(u_j, q_i) = (x_jᵀ R)_i / ‖q_i‖, cos(v_j, k_i) = (x_jᵀ P)_i / (σ_j ‖k_i‖); the top-γ eigenvalues by
      rank (no sort), σ_j² > 1e-8 σ_1²; the per-image scores go to a (B, H, D) buffer summed by torch.
 
+Dispatch: the "triton" backend of qk_scores on CUDA tensors (and what backend="auto" takes there, ahead
+of the compiled hybrid); not offered on CPU tensors, where the interpreter would need hours for a prune
+(the tests call qk_scores_triton directly).
+
 Why this method. The problems are small (d ≤ 128), many (24,576 per ViT-L prune with 64 images) and
 symmetric; all eigenvectors can be needed (γ = d). Jacobi is the batched method whose every step is a
 whole-matrix vector operation: a parallel-ordered round touches all D² entries at once, with no
