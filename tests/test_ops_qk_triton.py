@@ -58,17 +58,19 @@ RANDOM = [
     ((1, 2, 37, 13), (1, 13)),
     ((2, 1, 9, 24), (3, 24)),        # N < d
     ((3, 1, 1, 16), (1, 16)),        # N = 1
-    ((1, 1, 70, 40), (1, 20, 40)),   # D = 64
+    pytest.param((1, 1, 70, 40), (1, 20, 40), marks=pytest.mark.slow),   # D = 64 (~20 s interpreted)
 ]
 
 
-@pytest.mark.parametrize('shape,gammas', RANDOM, ids=['x'.join(map(str, s)) for s, _ in RANDOM])
+@pytest.mark.parametrize('shape,gammas', RANDOM, ids=['x'.join(map(str, s.values[0] if hasattr(s, 'values') else s[0]))
+                                                      for s in RANDOM])
 def test_triton_qk_random(shape, gammas):
     q = _rand(*shape, seed=sum(shape))
     k = _rand(*shape, seed=sum(shape) + 1) * 3 + 0.5
     check(q, k, gammas)
 
 
+@pytest.mark.slow
 def test_triton_qk_widest_heads():
     """d = 100 (padded to D = 128, the widest the kernel takes; on a GPU such heads go to the hybrid for now:
     MAX_D_GPU). One (image, head): the interpreter needs ~20 s for it."""
@@ -222,7 +224,7 @@ print('shared', k.metadata.shared)
 '''
 
 
-@pytest.mark.parametrize('D', [16, 64])
+@pytest.mark.parametrize('D', [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_triton_qk_compiles_for_sm90(D):
     """What the interpreter cannot show: the kernel compiles for an H100/H200 (sm_90, no GPU needed) and fits
     its 227 KiB of shared memory."""
