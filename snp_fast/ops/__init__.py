@@ -33,7 +33,7 @@ register('gather_slices', 'reference')(reference.gather_slices_loop)
 register('cholesky_solve_', 'reference')(reference.cholesky_solve_linalg)
 
 
-# --- compiled extension (torch.ops.snp_fast.*), one entry per dispatch key ------------------------
+# --- compiled extension (torch.ops.snp_fast.*): one entry per op, the dispatcher picks the device kernel
 def _ext_qk_scores(q, k, gamma):
     return torch.ops.snp_fast.qk_scores(q, k, gamma)
 
@@ -131,7 +131,9 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, gamma: int, *, backend: str = 'a
         q: queries (B, H, N, d) as they enter QKᵀ; any float dtype (computed in fp32).
         k: keys, same shape.
         gamma: leading singular components of QKᵀ to preserve (1 <= gamma; capped at min(N, d)).
-        backend: "auto" | "reference" | "compiled" | "triton" (dispatch.py).
+        backend: "auto" | "reference" | "compiled" | "triton" (dispatch.py). "auto" on a CUDA tensor takes
+            the Triton kernel (ops/triton/qk_scores.py: everything on the GPU; d > 64 goes on to the
+            compiled hybrid), on a CPU tensor the compiled CPU kernel.
 
     Returns:
         (H, d) float32 scores, high = keep.
