@@ -238,3 +238,19 @@ def test_triton_qk_compiles_for_sm90(D):
     assert r.returncode == 0, r.stderr[-3000:]
     shared = int(r.stdout.split()[-1])
     assert shared <= 227 * 1024, shared
+
+
+def test_triton_qk_falls_back_where_the_kernel_does_not_fit(monkeypatch):
+    """A GPU with less shared memory per block than the kernel needs: the compiled op (or the d×d
+    reference) answers, with a warning once."""
+    from triton.runtime.errors import OutOfResources
+    from snp_fast.ops.triton import qk_scores as mod
+
+    def no_room(*a, **kw):
+        raise OutOfResources(131072, 101376, 'shared memory')
+    monkeypatch.setattr(mod, '_launch', no_room)
+    monkeypatch.setattr(mod, '_warned', set())
+    q, k = _rand(2, 2, 9, 16, seed=16), _rand(2, 2, 9, 16, seed=17)
+    with pytest.warns(UserWarning, match='does not fit this GPU'):
+        got = mod.qk_scores_triton(q.to(DEV), k.to(DEV), 4).cpu()
+    assert_close_verbose(got, literal_all_gammas(q, k, torch.float64)(4), 1e-5, 'fallback')

@@ -39,12 +39,15 @@ float64 (the inputs are read in their own dtype); on an H100/H200 float64 runs a
 (67 TFLOP/s on tensor cores), and the whole kernel is ~1 % of the float64 peak per prune
 (BENCHMARKS.md). On GPUs with a 1/64 float64 rate (consumer parts) it would be much slower.
 """
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .. import reference
-from ..dispatch import register
+from ..dispatch import has_kernel, register
 
 __all__ = ['qk_scores_triton', 'MAX_D', 'MAX_D_GPU', 'num_warps']
 
@@ -229,12 +232,24 @@ def qk_scores_triton(q: torch.Tensor, k: torch.Tensor, gamma: int, *, block_n: i
     """
     reference._check_qk(q, k, gamma)  # shapes, gamma, NaN/Inf (one device-to-host flag, as every backend)
     if q.shape[-1] > (MAX_D_GPU if q.is_cuda else MAX_D):
-        if hasattr(torch.ops.snp_fast, 'qk_scores'):
-            try:
-                return torch.ops.snp_fast.qk_scores(q, k, gamma)
-            except NotImplementedError:  # no kernel for this device's dispatch key
-                pass
-        return reference.qk_scores_dxd(q, k, gamma)
+        return _fallback(q, k, gamma)
     if q.shape[-1] == 0:
         return torch.zeros(q.shape[1], 0, device=q.device)
-    return _launch(q, k, gamma, block_n=block_n, max_sweeps=max_sweeps)[0]
+    try:
+        return _launch(q, k, gamma, block_n=block_n, max_sweeps=max_sweeps)[0]
+    except OutOfResources as e:  # a GPU with less shared memory per block than the kernel needs (128 KiB at
+        if q.device.type not in _warned:  # D = 64: consumer Ampere / Ada parts have ~100 KiB)
+            _warned.add(q.device.type)
+            warnings.warn(f'snp_fast: the Triton Q/K kernel does not fit this GPU ({e}); using the compiled '
+                          'qk_scores instead', stacklevel=2)
+        return _fallback(q, k, gamma)
+
+
+_warned: set = set()
+
+
+def _fallback(q: torch.Tensor, k: torch.Tensor, gamma: int) -> torch.Tensor:
+    """The compiled op (the hybrid on CUDA) where it is loaded, else the d×d reference."""
+    if has_kernel('qk_scores', q.device.type.upper()):
+        return torch.ops.snp_fast.qk_scores(q, k, gamma)
+    return reference.qk_scores_dxd(q, k, gamma)
