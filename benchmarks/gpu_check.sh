@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check, meant to take ~5 minutes on an H200 (each step has a time limit; 8.3 minutes at worst):
-# build with the CUDA sources, run the GPU tests (every GPU kernel against its reference, and the whole
-# prune on the GPU against the pure-Python version on the CPU), print the kernel table (one shape per op)
-# and the ViT-L prune with 64 calibration images.
+# GPU check, meant to take ~5 minutes on an H200 (each step has a time limit; 10.3 minutes at worst):
+# build with the CUDA sources, run the GPU tests (every GPU kernel against its reference, the Triton Q/K
+# kernel's tests on the GPU, and the whole prune on the GPU against the pure-Python version on the CPU),
+# print the kernel table (one shape per op), the Q/K scores of one ViT-L block (64 images: Triton kernel
+# against the hybrid) and the ViT-L prune with 64 calibration images.
 # Run from the repository root: bash benchmarks/gpu_check.sh
 # A failing step does not stop the later ones; the exit status says whether any failed. When $OUT is set
 # (the device tool brings back what is written there) the whole log goes to $OUT/gpu_check.log and the
@@ -36,7 +37,9 @@ step build 200 env CUDA_HOME="$cuda_home" SNP_FAST_BUILD_CUDA=1 \
   "$PY" setup.py -q build_ext --inplace
 "$PY" -c "import snp_fast.ops as o, torch; print('with_cuda', o.extension().with_cuda, 'device', torch.cuda.get_device_name()); print({op: o.available_backends(op, 'cuda') for op in ('qk_scores', 'redundancy_scores', 'gram', 'gather_slices')})"
 step "GPU tests" 120 "$PY" -m pytest tests/test_ops.py tests/test_qk_dxd.py tests/test_core.py -q -rs -k cuda
+step "Triton Q/K tests" 60 "$PY" -m pytest tests/test_ops_qk_triton.py -q -rs
 step "kernel table" 60 "$PY" benchmarks/ops_table.py --device cuda --repeats 3 --quick
+step "Q/K scores, ViT-L block, 64 images" 60 "$PY" benchmarks/qk_scores_gpu.py --images 64 --repeats 5
 step "ViT-L, 64 images" 120 "$PY" benchmarks/prune_table.py --model vit_large_patch16_224 --images 64 \
   --batch 64 --device cuda
 echo "total: ${SECONDS} s"

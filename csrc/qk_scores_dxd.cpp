@@ -76,10 +76,6 @@ at::Tensor qk_scores_hybrid(const at::Tensor& q, const at::Tensor& k, int64_t ga
   return grams_op.call(gq.cpu(), gk.cpu(), gamma).to(q.device());
 }
 
-TORCH_LIBRARY_FRAGMENT(snp_fast, m) {
-  m.def("qk_scores_dxd(Tensor q, Tensor k, int gamma) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(snp_fast, CompositeExplicitAutograd, m) {
   m.impl("qk_scores_dxd", &qk_scores_dxd);
   m.impl("qk_scores_hybrid", &qk_scores_hybrid);

@@ -1,4 +1,5 @@
-// snp_fast._C: op schemas (declared once, here) and the Python module that loads them.
+// snp_fast._C: op schemas (declared once, here: no other file calls m.def or TORCH_LIBRARY_FRAGMENT, and
+// the Python side only adds fake kernels to these) and the Python module that loads them.
 //
 // Each device's implementation registers under its own dispatch key in its own file:
 // csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(snp_fast, CPU, m)) and csrc/cuda/*.cu (..., CUDA, m).
@@ -19,14 +20,17 @@ TORCH_LIBRARY(snp_fast, m) {
   m.def("qk_scores_grams(Tensor gq, Tensor gk, int gamma) -> Tensor");
   // The same, Grams on q's device and the d x d half on the host CPU (the CUDA implementation of qk_scores).
   m.def("qk_scores_hybrid(Tensor q, Tensor k, int gamma) -> Tensor");
+  // The same by the d x d route in ATen ops on any device (csrc/qk_scores_dxd.cpp).
+  m.def("qk_scores_dxd(Tensor q, Tensor k, int gamma) -> Tensor");
   // Pairwise redundancy: omega_i = sum_l (1 - |cos(W_i, W_l)|) over the rows of a 2-D weight -> (n,) float32.
   // bf16: of the rows rounded to bfloat16 (products exact, sums in float32: bf16 GEMMs where the CPU has them).
   m.def("redundancy_scores(Tensor w, bool bf16=False) -> Tensor");
   // Gram matrix x^T x of a (T, m) input, float32 (m, m); bf16: of x rounded to bfloat16, as above.
   m.def("gram(Tensor x, bool bf16=False) -> Tensor");
   // In place: b (m, n) float64 -> b a^-1 for a (n, n) float64 symmetric positive definite, which is
-  // overwritten; returns LAPACK's info (0, or k > 0: the leading k x k minor is not positive definite).
-  m.def("cholesky_solve_(Tensor(a!) a, Tensor(b!) b) -> int");
+  // overwritten; returns LAPACK's info as a 0-d int64 tensor (0, or k > 0: the leading k x k minor is not
+  // positive definite; a tensor, not an int, since it depends on the data: see the fake in snp_fast/ops).
+  m.def("cholesky_solve_(Tensor(a!) a, Tensor(b!) b) -> Tensor");
   // Apply (dim, kept-index) slices to many tensors in one call; idx_b may be None (one slice only).
   m.def("gather_slices(Tensor[] src, int[] dim_a, Tensor[] idx_a, int[] dim_b, Tensor?[] idx_b) -> Tensor[]");
 }

@@ -40,16 +40,10 @@ def cholesky_solve_(a: torch.Tensor, b: torch.Tensor) -> int:
     """In place: b (m, n) float64 -> b a⁻¹ (= (a⁻¹ bᵀ)ᵀ) for a (n, n) float64 symmetric positive definite,
     which is used as workspace (on the CPU kernel's path its lower triangle holds the Cholesky factor
     afterwards). Returns 0, or k > 0 when the leading k × k minor of a is not positive definite (b then
-    holds partial results). On the CPU the compiled kernel calls LAPACK without the layout copies of
-    torch.linalg (csrc/cpu/cholesky_solve_cpu.cpp); elsewhere, or without it, torch.linalg."""
-    if a.device.type == 'cpu' and ops.has_kernel('cholesky_solve_', 'CPU'):
-        return int(torch.ops.snp_fast.cholesky_solve_(a, b))
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
-        return int(info)
-    if b.numel():
-        b.copy_(torch.cholesky_solve(b.t(), chol).t())
-    return 0
+    holds partial results). snp_fast.ops.cholesky_solve_: on the CPU the compiled kernel calls LAPACK
+    without the layout copies of torch.linalg (csrc/cpu/cholesky_solve_cpu.cpp); elsewhere, or without
+    it, torch.linalg."""
+    return ops.cholesky_solve_(a, b)
 
 
 class LinearFit:

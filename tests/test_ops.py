@@ -14,7 +14,7 @@ import torch
 import snp_fast.ops as ops
 from snp_fast.ops import reference
 
-CPU_BACKENDS = [b for b in ('cpu', 'triton') if b in ops.available_backends('redundancy_scores', 'cpu')]
+CPU_BACKENDS = [b for b in ('compiled', 'triton') if b in ops.available_backends('redundancy_scores', 'cpu')]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -36,8 +36,9 @@ def backends_for(op, device='cpu'):
 
 def qk_routes():
     """The qk_scores backends here, plus 'hybrid': snp_fast::qk_scores_hybrid, the CUDA implementation's
-    code path (Grams where q, k are, the d×d half by the CPU kernel), run here on CPU tensors."""
-    routes = backends_for('qk_scores')
+    code path (Grams where q, k are, the d×d half by the CPU kernel), run here on CPU tensors. The Triton
+    kernel is left to tests/test_ops_qk_triton.py (the same checks, on shapes the interpreter can run)."""
+    routes = [b for b in backends_for('qk_scores') if b != 'triton']
     if ops.extension() is not None and hasattr(torch.ops.snp_fast, 'qk_scores_hybrid'):
         routes.append('hybrid')
     return routes
@@ -100,7 +101,7 @@ QK_SHAPES = [  # (B, H, N, d): every head dim, N = 1, 7, 50, 197 (577 for the wi
 ] + [(1, 1, 577, 64), (1, 1, 577, 128)]
 
 
-@pytest.mark.parametrize('backend', qk_routes() or ['cpu'])
+@pytest.mark.parametrize('backend', qk_routes() or ['compiled'])
 @pytest.mark.parametrize('shape', QK_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 def test_qk_scores_random(backend, shape):
     if backend not in qk_routes():
@@ -191,7 +192,7 @@ def test_qk_scores_cpu_without_blas_and_strided_inputs():
         for enabled in (True, False):
             _C.blas(enabled)
             for qc, kc in cases:
-                check_qk(qc, kc, (1, qc.shape[-1] // 2), 'cpu')
+                check_qk(qc, kc, (1, qc.shape[-1] // 2), 'compiled')
     finally:
         _C.blas(True)
 
@@ -240,7 +241,7 @@ RED_SHAPES = [(1, 1), (1, 5), (2, 3), (7, 3), (13, 1), (31, 64), (130, 300), (30
 
 
 @pytest.mark.parametrize('precision', ops.PRECISIONS)
-@pytest.mark.parametrize('backend', backends_for('redundancy_scores') or ['cpu'])
+@pytest.mark.parametrize('backend', backends_for('redundancy_scores') or ['compiled'])
 @pytest.mark.parametrize('shape', RED_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 def test_redundancy_random(backend, shape, precision):
     if backend not in ops.available_backends('redundancy_scores', 'cpu'):
@@ -274,7 +275,7 @@ def test_redundancy_cpu_without_blas_syrk():
                 w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
                 w[1] = 0
                 for precision in ops.PRECISIONS:
-                    check_redundancy(w, 'cpu', precision)
+                    check_redundancy(w, 'compiled', precision)
     finally:
         _C.blas(True)
 
@@ -340,10 +341,10 @@ def test_cpu_kernels_keep_the_callers_grad_and_inference_mode():
         want_w = reference.redundancy_scores_full(w.detach())
         want_g = reference.gather_slices_loop([t.detach() for t in ts], sl)
         with torch.no_grad():
-            got_w, got_g = ops.redundancy_scores(w, backend='cpu'), ops.gather_slices(ts, sl, backend='cpu')
+            got_w, got_g = ops.redundancy_scores(w, backend='compiled'), ops.gather_slices(ts, sl, backend='compiled')
         with torch.inference_mode():
-            inf_w = ops.redundancy_scores(w.detach().clone(), backend='cpu')
-            inf_g = ops.gather_slices([t.detach().clone() for t in ts], sl, backend='cpu')
+            inf_w = ops.redundancy_scores(w.detach().clone(), backend='compiled')
+            inf_g = ops.gather_slices([t.detach().clone() for t in ts], sl, backend='compiled')
         for got in (got_w, inf_w):
             torch.testing.assert_close(got, want_w, rtol=1e-5, atol=1e-3)
         for got in (got_g, inf_g):
@@ -375,7 +376,7 @@ def check_gram(x, backend, precision='fp32'):
 
 
 @pytest.mark.parametrize('precision', ops.PRECISIONS)
-@pytest.mark.parametrize('backend', backends_for('gram') or ['cpu'])
+@pytest.mark.parametrize('backend', backends_for('gram') or ['compiled'])
 @pytest.mark.parametrize('shape', GRAM_SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 def test_gram_random(backend, shape, precision):
     if backend not in ops.available_backends('gram', 'cpu'):
@@ -412,7 +413,7 @@ def test_gram_cpu_blas_syrk_and_fallback():
         for shape in GRAM_SHAPES:
             x = torch.randn(shape)
             for precision in ops.PRECISIONS:  # (bf16: MKL's bf16 GEMM, or the fp32 routes on the rounded x)
-                check_gram(x, 'cpu', precision)
+                check_gram(x, 'compiled', precision)
     finally:
         _C.blas(True)
     assert _C.blas() == names
@@ -424,35 +425,51 @@ def _spd(n, cond_exp, gen):
     return (q * torch.logspace(0, -cond_exp, n, dtype=torch.float64)) @ q.t()
 
 
-@pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
-@pytest.mark.parametrize('lapack', [True, False], ids=['lapack', 'aten-fallback'])
-def test_cholesky_solve_inplace(lapack):
-    """The re-fit's in-place solve (LAPACK without layout copies, or ATen without the symbols) against
-    torch.linalg on random SPD systems, odd sizes and no right-hand sides included; a matrix that is not
-    positive definite gives the order of the failing minor, as LAPACK's info."""
-    from snp_fast import _C
-    from snp_fast.refit import cholesky_solve_
+CHOLESKY_ROUTES = ['reference'] + (['compiled-lapack', 'compiled-aten'] if ops.has_kernel('cholesky_solve_', 'CPU') else [])
+
+
+@pytest.mark.parametrize('route', CHOLESKY_ROUTES)
+def test_cholesky_solve_inplace(route):
+    """The re-fit's in-place solve through ops.cholesky_solve_ (the compiled kernel: LAPACK without layout
+    copies, or ATen without the symbols; the torch.linalg reference) against torch.linalg.solve on random
+    SPD systems, odd sizes and no right-hand sides included; a matrix that is not positive definite gives
+    the order of the failing minor, as LAPACK's info. refit.cholesky_solve_ is the same op."""
+    from snp_fast import refit
+    backend, lapack = route.split('-')[0], route.endswith('lapack')
     gen = torch.Generator().manual_seed(0)
+    _C = ops.extension()
     try:
-        _C.blas(lapack)
+        if _C is not None:
+            _C.blas(lapack or backend == 'reference')
         for n, m in [(1, 1), (2, 5), (7, 3), (33, 0), (129, 50), (513, 17)]:
             a = _spd(n, 6, gen)
             b = torch.randn(m, n, dtype=torch.float64, generator=gen)
             want = torch.linalg.solve(a, b.t()).t()
             chol = torch.linalg.cholesky(a)
             fa, fb = a.clone(), b.clone()
-            assert cholesky_solve_(fa, fb) == 0
+            assert ops.cholesky_solve_(fa, fb, backend=backend) == 0
             if m:  # backward-stable solve: residual at float64 rounding of ‖a‖‖x‖
                 assert (fb @ a - b).abs().max() <= 1e3 * n * 2 ** -52 * max(1.0, float(fb.abs().max()))
                 assert_close_verbose(fb, want, 1e-6 * float(want.abs().max().clamp_min(1)), f'solve n={n} m={m}')
             if lapack:  # (LAPACK leaves the factor in a's lower triangle; ATen's route uses a copy)
                 assert_close_verbose(fa.tril(), chol, 1e-10, f'factor n={n}')
+            if backend == 'reference':
+                assert torch.equal(fa, a)
+            if backend == ('compiled' if ops.has_kernel('cholesky_solve_', 'CPU') else 'reference'):
+                ra, rb = a.clone(), b.clone()  # refit's function: the same op, bit for bit ("auto" on a CPU tensor)
+                assert refit.cholesky_solve_(ra, rb) == 0 and torch.equal(rb, fb)
         for k in (1, 4):  # the k-th leading minor is the first that is not positive definite
             a = torch.eye(6, dtype=torch.float64)
             a[k - 1, k - 1] = -1
-            assert cholesky_solve_(a, torch.zeros(2, 6, dtype=torch.float64)) == k
+            assert ops.cholesky_solve_(a, torch.zeros(2, 6, dtype=torch.float64), backend=backend) == k
     finally:
-        _C.blas(True)
+        if _C is not None:
+            _C.blas(True)
+
+
+def test_cholesky_solve_auto_takes_the_compiled_kernel_on_cpu():
+    want = 'compiled' if ops.has_kernel('cholesky_solve_', 'CPU') else 'reference'
+    assert ops.dispatch.resolve('cholesky_solve_', 'auto', 'cpu') is ops.dispatch._TABLE['cholesky_solve_'][want]
 
 
 @pytest.mark.skipif(ops.dispatch.extension() is None, reason='compiled extension not built')
@@ -607,6 +624,8 @@ def test_ops_take_inputs_that_require_grad():
     ('gram', lambda: (torch.randn(19, 600), True)),
     ('gather_slices', lambda: ([torch.randn(4, 5), torch.randn(6)], [0, 0], [torch.tensor([1, 3]), torch.tensor([5])],
                                [1, 0], [torch.tensor([0, 4]), None])),
+    ('cholesky_solve_', lambda: (_spd(9, 3, torch.Generator().manual_seed(1)), torch.randn(4, 9, dtype=torch.float64))),
+    ('cholesky_solve_', lambda: (_spd(5, 3, torch.Generator().manual_seed(2)), torch.randn(0, 5, dtype=torch.float64))),
 ])
 def test_opcheck(name, args):
     if not ops.has_kernel(name, 'CPU'):

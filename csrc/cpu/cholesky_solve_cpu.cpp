@@ -13,7 +13,7 @@
 
 namespace {
 
-int64_t cholesky_solve_inplace_cpu(at::Tensor a, at::Tensor b) {
+int64_t cholesky_solve_info(at::Tensor a, at::Tensor b) {
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "cholesky_solve_ (CPU kernel): a and b must be CPU tensors");
   TORCH_CHECK(a.scalar_type() == at::kDouble && b.scalar_type() == at::kDouble,
               "cholesky_solve_: a and b must be float64, got ", a.scalar_type(), " and ", b.scalar_type());
@@ -39,6 +39,12 @@ int64_t cholesky_solve_inplace_cpu(at::Tensor a, at::Tensor b) {
   if (info != 0 || m == 0) return info;  // > 0: the leading minor of that order is not positive definite
   potrs("U", &n, &m, a.data_ptr<double>(), &n, b.data_ptr<double>(), &n, &info);
   return snp_fast::blas::lapack_info(info);
+}
+
+// The op returns LAPACK's info as a 0-d int64 tensor: a data-dependent value, which an `int` return could
+// not carry through torch.compile's fake tensors (they would have to guess it).
+at::Tensor cholesky_solve_inplace_cpu(at::Tensor a, at::Tensor b) {
+  return at::scalar_tensor(cholesky_solve_info(a, b), a.options().dtype(at::kLong));
 }
 
 }  // namespace

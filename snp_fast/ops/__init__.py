@@ -1,13 +1,17 @@
-"""The hot pieces of SNP behind one interface, dispatched by device (see dispatch.py).
+"""The hot pieces of SNP behind one interface (dispatch.py has the table and the rule).
 
     qk_scores(q, k, gamma)        Q/K attention-score preservation scores, (B,H,N,d) -> (H,d)
     redundancy_scores(w)          Σ_l (1 − |cos(W_i, W_l)|) over the rows of w -> (n,)
     gram(x, out=None)             (out +=) xᵀx, fp32, for the least-squares re-fit
     (both with precision="bf16": of the inputs rounded to bfloat16, products summed in fp32)
     gather_slices(tensors, slices) every (dim, kept-index) slice of many tensors in one call
+    cholesky_solve_(a, b)         in place: b ← b a⁻¹ for the re-fit's ridge systems (the one mutating op)
 
-Every op has a plain-PyTorch reference (ops/reference.py) that the compiled and Triton kernels are
-tested and benchmarked against.
+Each takes backend= "auto" | "reference" | "compiled" | "triton" ("cpu" / "cuda": deprecated aliases of
+"compiled"). "compiled" calls torch.ops.snp_fast.<op>; its schema is declared once in csrc/snp_fast.cpp
+and torch's dispatcher picks the CPU or CUDA kernel from the tensor's device. Every op has a
+plain-PyTorch reference (ops/reference.py) that the compiled and Triton kernels are tested and
+benchmarked against, and a fake kernel (below) so that the compiled ops trace under torch.compile.
 """
 import operator
 from typing import List, Optional, Sequence, Tuple
@@ -15,20 +19,21 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .dispatch import (BACKENDS, PRECISIONS, available_backends, check_backend, check_precision, current_precision,
-                       extension, has_kernel, precision, prefer, register, resolve)
+from .dispatch import (BACKENDS, OPS, PRECISIONS, available_backends, check_backend, check_precision,
+                       current_precision, extension, has_kernel, precision, prefer, register, resolve)
 
-__all__ = ['qk_scores', 'redundancy_scores', 'gram', 'gather_slices', 'available_backends', 'BACKENDS',
-           'PRECISIONS', 'precision', 'extension', 'prefer', 'check_backend']
+__all__ = ['qk_scores', 'redundancy_scores', 'gram', 'gather_slices', 'cholesky_solve_', 'available_backends',
+           'BACKENDS', 'OPS', 'PRECISIONS', 'precision', 'extension', 'has_kernel', 'prefer', 'check_backend']
 
 # --- reference implementations -------------------------------------------------------------------
 register('qk_scores', 'reference')(reference.qk_scores_literal)
 register('redundancy_scores', 'reference')(reference.redundancy_scores_full)
 register('gram', 'reference')(lambda x: reference.gram_full(x))
 register('gather_slices', 'reference')(reference.gather_slices_loop)
+register('cholesky_solve_', 'reference')(reference.cholesky_solve_linalg)
 
 
-# --- compiled extension (torch.ops.snp_fast.*), one entry per dispatch key ------------------------
+# --- compiled extension (torch.ops.snp_fast.*): one entry per op, the dispatcher picks the device kernel
 def _ext_qk_scores(q, k, gamma):
     return torch.ops.snp_fast.qk_scores(q, k, gamma)
 
@@ -57,15 +62,20 @@ def _ext_gather(tensors, slices):
     return list(torch.ops.snp_fast.gather_slices(list(tensors), dim_a, idx_a, dim_b, idx_b))
 
 
-for _backend in ('cpu', 'cuda'):
-    register('qk_scores', _backend)(_ext_qk_scores)
-    register('redundancy_scores', _backend)(_ext_redundancy)
-    register('gram', _backend)(_ext_gram)
-    register('gather_slices', _backend)(_ext_gather)
+def _ext_cholesky_solve(a, b):
+    return int(torch.ops.snp_fast.cholesky_solve_(a, b))
+
+
+register('qk_scores', 'compiled')(_ext_qk_scores)
+register('redundancy_scores', 'compiled')(_ext_redundancy)
+register('gram', 'compiled')(_ext_gram)
+register('gather_slices', 'compiled')(_ext_gather)
+register('cholesky_solve_', 'compiled')(_ext_cholesky_solve)
 
 
 def _register_fakes():
-    """Shapes without data, so the ops trace under torch.compile / FakeTensor."""
+    """Shapes without data, so the ops trace under torch.compile / FakeTensor. Fakes only: every schema
+    is declared in csrc/snp_fast.cpp (register_fake fails on an op that has none)."""
     if extension() is None:
         return
 
@@ -94,6 +104,10 @@ def _register_fakes():
             out.append(t.new_empty(shape))
         return out
 
+    @torch.library.register_fake('snp_fast::cholesky_solve_')
+    def _(a, b):  # writes a and b in place (shapes unchanged); LAPACK's info, data-dependent, as a 0-d tensor
+        return a.new_empty((), dtype=torch.int64)
+
 
 _register_fakes()
 
@@ -117,7 +131,9 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, gamma: int, *, backend: str = 'a
         q: queries (B, H, N, d) as they enter QKᵀ; any float dtype (computed in fp32).
         k: keys, same shape.
         gamma: leading singular components of QKᵀ to preserve (1 <= gamma; capped at min(N, d)).
-        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+        backend: "auto" | "reference" | "compiled" | "triton" (dispatch.py). "auto" on a CUDA tensor takes
+            the Triton kernel (ops/triton/qk_scores.py: everything on the GPU; d > 64 goes on to the
+            compiled hybrid), on a CPU tensor the compiled CPU kernel.
 
     Returns:
         (H, d) float32 scores, high = keep.
@@ -183,3 +199,20 @@ def gather_slices(tensors: Sequence[torch.Tensor], slices: Sequence[Sequence[Sli
                                 f'got {type(idx).__name__}' + (f' of shape {tuple(idx.shape)}'
                                                               if isinstance(idx, torch.Tensor) else ''))
     return resolve('gather_slices', backend, tensors[0].device)(tensors, slices)
+
+
+def cholesky_solve_(a: torch.Tensor, b: torch.Tensor, *, backend: str = 'auto') -> int:
+    """In place: b ← b a⁻¹ (= (a⁻¹ bᵀ)ᵀ), the ridge solve of the re-fit (snp_fast/refit.py).
+
+    Args:
+        a: (n, n) float64, symmetric positive definite; used as workspace (the compiled CPU kernel leaves
+            the Cholesky factor in its lower triangle, the reference leaves it unchanged).
+        b: (m, n) float64 right-hand sides, overwritten by the solution; m may be 0.
+        backend: "auto" | "reference" | "compiled" (dispatch.py). On the CPU the compiled kernel calls
+            LAPACK's dpotrf / dpotrs without torch.linalg's layout copies (csrc/cpu/cholesky_solve_cpu.cpp);
+            on CUDA "auto" takes the reference, torch.linalg (cuSOLVER).
+
+    Returns:
+        0, or k > 0 when the leading k × k minor of a is not positive definite (b then holds no solution).
+    """
+    return resolve('cholesky_solve_', backend, a.device)(a, b)

@@ -10,7 +10,7 @@ import torch
 
 __all__ = [
     'qk_scores_literal', 'qk_scores_dxd', 'redundancy_scores_full', 'gram_full', 'gather_slices_loop',
-    'singular_value_rtol',
+    'singular_value_rtol', 'cholesky_solve_linalg',
 ]
 
 
@@ -152,3 +152,16 @@ def gather_slices_loop(tensors: Sequence[torch.Tensor], slices: Sequence[Sequenc
             t = t.index_select(dim, idx.to(t.device))
         out.append(t.contiguous())
     return out
+
+
+def cholesky_solve_linalg(a: torch.Tensor, b: torch.Tensor) -> int:
+    """In place: b (m, n) float64 ← b a⁻¹ for a (n, n) symmetric positive definite, by torch.linalg
+    (Cholesky factor, then the two triangular solves). Returns 0, or k > 0 when the leading k × k minor
+    of a is not positive definite (b is then left unchanged). a is not written here (the compiled kernel
+    overwrites it with its factor: callers treat it as workspace)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        return int(info)
+    if b.numel():
+        b.copy_(torch.cholesky_solve(b.t(), chol).t())
+    return 0

@@ -1,2 +1,2 @@
 """Triton kernels (one op per file). Importing this package registers the "triton" backends."""
-from . import gram, redundancy  # noqa: F401
+from . import gram, qk_scores, redundancy  # noqa: F401

@@ -3,7 +3,8 @@
 Reference: snp_fast.ops.reference.gram_full (x.t() @ x in plain torch).
 Kernel: one program per BLOCK×BLOCK tile of the upper triangle (I ≤ J, half the products), reducing
 over the T tokens with tl.dot in fp32 ("ieee" precision, never TF32); each tile is stored at (I, J)
-and, transposed, at (J, I).
+and, transposed, at (J, I); a diagonal tile only by its upper triangle (and its mirror), so that G is
+exactly symmetric (the two triangles of one dot may differ in rounding).
 """
 import torch
 import triton
@@ -33,9 +34,13 @@ def _gram_tile_kernel(x_ptr, g_ptr, T, m, stride_xt, stride_xm,
                     mask=(t[:, None] < T) & (cj[None, :] < m), other=0.0)
         acc += tl.dot(tl.trans(a), b, input_precision='ieee')
     mask = (ci[:, None] < m) & (cj[None, :] < m)
-    tl.store(g_ptr + ci[:, None] * m + cj[None, :], acc, mask=mask)
     if pid_j != pid_i:
+        tl.store(g_ptr + ci[:, None] * m + cj[None, :], acc, mask=mask)
         tl.store(g_ptr + cj[None, :] * m + ci[:, None], acc, mask=mask)
+    else:  # diagonal tile: its upper triangle, mirrored (the dot's two triangles may differ in rounding)
+        upper = mask & (ci[:, None] <= cj[None, :])
+        tl.store(g_ptr + ci[:, None] * m + cj[None, :], acc, mask=upper)
+        tl.store(g_ptr + cj[None, :] * m + ci[:, None], acc, mask=upper)
 
 
 @register('gram', 'triton')
