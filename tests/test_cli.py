@@ -15,6 +15,9 @@ import torch
 import snp_fast
 from snp_fast import allocate as al
 from snp_fast import cli
+from snp_fast.cli import inspect as cli_inspect
+from snp_fast.cli.bench import load_dir_pair
+from snp_fast.weights import hub_reachable
 from snp_fast.families.vit import BlockDims, ModelDims
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -224,7 +227,7 @@ def test_bench_dir_and_model(flops_run, work):
 def test_bench_dir_compares_in_the_saved_dtype(flops_run, tmp_path):
     """bench DIR times the original in the pruned model's dtype (it was rebuilt in float32 beside an fp16 model)."""
     snp_fast.save_pruned(snp_fast.load_pruned(str(flops_run[1])).half(), str(tmp_path / 'h'))
-    original, pruned, _ = cli._load_dir_pair(str(tmp_path / 'h'), torch.device('cpu'))
+    original, pruned, _ = load_dir_pair(str(tmp_path / 'h'), torch.device('cpu'))
     assert next(original.parameters()).dtype == next(pruned.parameters()).dtype == torch.float16
 
 
@@ -319,7 +322,7 @@ def test_prune_bad_input(case, work, capsys, tmp_path):
 
 
 def test_pretrained_offline(capsys, tmp_path):
-    if cli._hub_reachable(timeout=2):
+    if hub_reachable(timeout=2):
         pytest.skip('the timm hub is reachable here: --pretrained would download weights')
     rc, text = main_rc(capsys, 'prune', 'deit_tiny_patch16_224', '--pretrained', '--preset', 'deit_tiny_patch16_224',
                        '--out', tmp_path / 'o')
@@ -525,7 +528,7 @@ def test_sigterm_unwinds_like_ctrl_c(capsys, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
         return 0
-    monkeypatch.setattr(cli, 'cmd_inspect', killed)
+    monkeypatch.setattr(cli_inspect, 'run', killed)
     before = signal.getsignal(signal.SIGTERM)
     rc, text = main_rc(capsys, 'inspect', '.')
     assert rc == 130 and 'interrupted' in text, text

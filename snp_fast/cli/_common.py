@@ -1,0 +1,99 @@
+"""What every subcommand shares: exit codes, UsageError, logging, --model-kwargs, --device, model building
+and weights with errors mapped to the command line's flags, and the one place that decides a model's family."""
+import json
+import sys
+from typing import Optional
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit status 2); the message names the argument or file at fault."""
+
+
+def log(msg: str = '') -> None:
+    """A line on stderr (progress, notes, warnings; stdout carries the results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# model families: the ONE place the command line decides which family a model or a recipe belongs to
+
+def family_name(model_or_recipe) -> str:
+    """'efficientformer' or 'vit': the family of a timm model; of a recipe (dict) written by save_pruned, its
+    'family' entry (default 'vit').
+
+    Every family-dependent branch of the command line goes through here (to be redirected to the
+    family registry, snp_fast.families, when it lands).
+    """
+    if isinstance(model_or_recipe, dict):
+        return str(model_or_recipe.get('family', 'vit'))
+    from ..models import efficientformer
+    return 'efficientformer' if efficientformer.is_efficientformer(model_or_recipe) else 'vit'
+
+
+def family_module(model_or_recipe):
+    """The snp_fast.models module of that family (model_dims, apply_dims, resolve_ratios, check_supported...)."""
+    from ..models import efficientformer, vit
+    return efficientformer if family_name(model_or_recipe) == 'efficientformer' else vit
+
+
+def check_supported(model) -> None:
+    """The model family's own structure check (UnsupportedModelError for what snp_fast cannot prune)."""
+    family_module(model).check_supported(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments shared by several subcommands
+
+def model_kwargs(text: Optional[str]) -> dict:
+    """The --model-kwargs JSON object ({} when not given)."""
+    if not text:
+        return {}
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f'--model-kwargs is not valid JSON: {e}') from None
+    if not isinstance(kw, dict):
+        raise UsageError(f'--model-kwargs must be a JSON object, got {type(kw).__name__}')
+    return kw
+
+
+def resolve_device(name: str):
+    """The torch.device of --device ('auto': cuda when available, else cpu)."""
+    import torch
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f'--device {name!r}: {e}') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: CUDA is not available on this machine')
+    return dev
+
+
+def create_model(name: str, kwargs: dict, pretrained: bool = False, device='meta',
+                 kwargs_flag: str = '--model-kwargs'):
+    """snp_fast.weights.create_model with its errors naming MODEL / --model-kwargs / --pretrained, then the
+    family's structure check."""
+    from ..weights import WeightsError, create_model as create
+    try:
+        model = create(name, kwargs, pretrained=pretrained, device=device)
+    except WeightsError as e:
+        if e.arg == 'kwargs':
+            raise UsageError(f'timm cannot build {name!r} with {kwargs_flag} {kwargs}: {e.detail}') from None
+        if e.arg == 'pretrained':
+            raise UsageError(f'--pretrained: {e} (--checkpoint PATH)') from None
+        raise UsageError(f'MODEL {e}') from None
+    check_supported(model)
+    return model
+
+
+def load_checkpoint(model, path: str, flag: str = '--checkpoint') -> None:
+    """snp_fast.weights.load_checkpoint with its errors naming `flag`."""
+    from ..weights import WeightsError, load_checkpoint as load
+    try:
+        load(model, path)
+    except WeightsError as e:
+        raise UsageError(f'{flag} {e}') from None

@@ -1,0 +1,124 @@
+"""snp-fast bench: latency of the original vs the pruned model (eager, torch.compile, ONNX Runtime)."""
+import json
+import os
+
+from ..outputs import check_parent
+from ._common import EXIT_OK, UsageError, create_model, family_module, log, model_kwargs, resolve_device
+from ._ratios import ratio_spec
+
+def _random_init_(model) -> None:
+    import torch
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ('norm' in name or name.endswith('gamma')) and name.endswith(('weight', 'gamma')):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _init_buffers_(pruned, original) -> None:
+    """to_empty() leaves buffers uninitialised: index tables (EfficientFormer's attention_bias_idxs) come from
+    the original where the shapes agree, BatchNorm statistics start at (0, 1)."""
+    import torch
+    orig = dict(original.named_buffers())
+    with torch.no_grad():
+        for name, b in pruned.named_buffers():
+            if name in orig and orig[name].shape == b.shape:
+                b.copy_(orig[name])
+            elif name.endswith('running_var'):
+                b.fill_(1)
+            else:
+                b.zero_()
+
+
+def load_dir_pair(directory: str, device):
+    import timm
+    import snp_fast
+    from ..io import load_recipe
+    recipe = load_recipe(directory)
+    pruned = snp_fast.load_pruned(directory, device=str(device) if device.type != 'cpu' else 'cpu')
+    try:
+        original = timm.create_model(recipe['timm_name'], pretrained=False, **(recipe.get('timm_kwargs') or {}))
+    except Exception as e:  # noqa: BLE001
+        raise snp_fast.RecipeError(f'{directory}/recipe.json: timm cannot build {recipe.get("timm_name")!r}: {e}') from e
+    # the original in the pruned model's dtype: a speed-up that mixes in fp32 vs fp16 / bf16 is not pruning's
+    dtype = next(pruned.parameters()).dtype
+    return original.to(device, dtype).eval(), pruned.to(device).eval(), recipe['timm_name']
+
+
+def run(args) -> int:
+    import torch
+    import snp_fast
+    from .. import bench
+    from ..macs import meta_copy
+    from ..models import vit
+    try:
+        batches = [int(b) for b in args.batch.split(',') if b.strip()]
+        if not batches or min(batches) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f'--batch {args.batch!r}: expected positive integers separated by commas, e.g. 1,8,64') from None
+    if args.repeats < 1:
+        raise UsageError(f'--repeats must be >= 1, got {args.repeats}')
+    if args.warmup < 0:
+        raise UsageError(f'--warmup must be >= 0, got {args.warmup}')
+    backends = ([] if args.no_eager else ['eager']) + (['compile'] if args.compile else []) + (['onnx'] if args.onnx else [])
+    if not backends:
+        raise UsageError('--no-eager without --compile or --onnx leaves nothing to time')
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f'--threads must be >= 1, got {args.threads}')
+        torch.set_num_threads(args.threads)
+    if args.json:
+        if os.path.isdir(args.json):
+            raise UsageError(f'--json {args.json}: is a directory')
+        check_parent(args.json, '--json')
+    device = resolve_device(args.device)
+    has_spec = any((args.preset, args.ratios, args.flops, args.params))
+    if os.path.isdir(args.target):
+        if has_spec:
+            raise UsageError('--preset/--ratios/--flops/--params apply to a MODEL name, not to a pruned DIR')
+        original, pruned, name = load_dir_pair(args.target, device)
+        what = f'{args.target} ({name})'
+    else:
+        if os.path.sep in args.target:
+            raise UsageError(f'MODEL_OR_DIR {args.target}: no such directory')
+        kwargs = model_kwargs(args.model_kwargs)
+        original = create_model(args.target, kwargs, device='cpu')
+        _random_init_(original)
+        original = original.to(device).eval()
+        pruned = None
+        what = f'{args.target} (random weights)'
+        if has_spec:
+            ratios, preset, alloc, _ = ratio_spec(args, original)
+            if alloc is not None:
+                log(alloc.describe())
+            family = family_module(original)
+            if family is not vit:
+                orig = family.model_dims(original)
+                dims = family.target_dims(orig, family.resolve_ratios(ratios, orig), [])
+            else:
+                from ..ratios import resolve_ratios, target_dims
+                dims = target_dims(vit.model_dims(original), resolve_ratios(ratios, len(original.blocks)), [])
+            pruned = family.apply_dims(meta_copy(original), dims).to_empty(device=device)
+            _random_init_(pruned)
+            _init_buffers_(pruned, original)
+            pruned = pruned.eval()
+            what += ', pruned architecture ' + (f'preset {preset}' if preset else f'--flops {args.flops}' if args.flops
+                                                else f'--params {args.params}' if args.params else f'ratios {args.ratios}')
+            if args.round_to > 1:
+                what += f' --round-to {args.round_to}'
+    macs_o = snp_fast.count_macs(original)
+    macs_p = snp_fast.count_macs(pruned) if pruned is not None else None
+    log(f'timing {what}: backends {", ".join(backends)}, batches {batches}, {args.repeats} repeats after '
+         f'{args.warmup} warm-up calls, {torch.get_num_threads()} threads')
+    rows = bench.compare(original, pruned, batches, backends, args.repeats, args.warmup, progress=not args.quiet)
+    print(f'{what}: MACs {macs_o / 1e9:.3f}G' + (f' -> {macs_p / 1e9:.3f}G' if macs_p else ''))
+    print(bench.format_table(rows, macs_o / macs_p if macs_p else None))
+    if args.json:
+        from ..io import write_atomic
+        write_atomic(args.json, json.dumps({'target': args.target, 'macs_original': macs_o, 'macs_pruned': macs_p,
+                                            'threads': torch.get_num_threads(), 'repeats': args.repeats,
+                                            'rows': rows}, indent=1).encode())
+    return EXIT_OK
