@@ -14,17 +14,20 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['WeightsError', 'create_model', 'load_state', 'load_checkpoint', 'hub_reachable']
+__all__ = ['WeightsError', 'create_model', 'check_forward', 'load_state', 'load_checkpoint', 'hub_reachable']
 
 _WRAPPER_KEYS = ('model', 'state_dict', 'model_state', 'module')
+# checkpoint dtypes a floating-point parameter may be loaded from (converted as load_state_dict does)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class WeightsError(ValueError):
     """A model that timm cannot build, or a weights file that cannot be read or does not fit the model.
 
     Attributes:
-        arg: which input is at fault: 'model' (the timm name), 'kwargs' (the timm keyword arguments),
-            'pretrained' (the hub weights) or 'file' (the weights file; the message then starts with its path).
+        arg: which input is at fault: 'model' (the timm name), 'kwargs' (the timm keyword arguments), 'size'
+            (the model cannot run at its input size), 'pretrained' (the hub weights) or 'file' (the weights file;
+            the message then starts with its path).
         detail: the underlying reason alone (what timm or the reader said), '' when the message is all.
     """
 
@@ -72,6 +75,26 @@ def create_model(name: str, kwargs: Optional[dict] = None, *, pretrained: bool =
     except Exception as e:  # noqa: BLE001 -- whatever timm raises for these kwargs (ZeroDivisionError included)
         why = f'{type(e).__name__}: {e}'
         raise WeightsError(f'timm cannot build {name!r} with kwargs {kwargs}: {why}', 'kwargs', why) from None
+
+
+def check_forward(model: nn.Module, input_size=None) -> None:
+    """Run `model` once on the meta device (no memory, no compute) at its own input size: a model that timm
+    builds but that cannot run at that size (e.g. img_size smaller than the patch) fails here, not mid-work.
+
+    Raises:
+        WeightsError: arg 'size', with what the forward pass said.
+    """
+    from .calib import data_config
+    from .macs import meta_copy
+    size = tuple(input_size or data_config(model)['input_size'])
+    m = model if all(p.is_meta for p in model.parameters()) else meta_copy(model)
+    dtype = next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        with torch.no_grad():
+            m.eval()(torch.empty(1, *size, device='meta', dtype=dtype))
+    except Exception as e:  # noqa: BLE001 -- whatever the layers raise for this size
+        why = f'{type(e).__name__}: {e}'
+        raise WeightsError(f'{_arch(model)} cannot run on its input size {size}: {why}', 'size', why) from None
 
 
 def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
@@ -138,25 +161,69 @@ def load_state(path: str) -> Dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load the weights in `path` (see load_state) into `model`, every name and shape checked.
+    """Load the weights in `path` (see load_state) into `model`, every name, shape and dtype checked.
 
-    Keys in the original DeiT/ViT naming are converted with timm's checkpoint_filter_fn.
+    Keys in the original DeiT/ViT naming are converted with timm's checkpoint_filter_fn, but a tensor that
+    conversion would resample (patch_embed of another patch size, pos_embed of another image size) is refused:
+    those weights belong to another model, pass its img_size / patch_size instead. Floating-point weights must
+    be finite and float32, float16 or bfloat16; integer buffers must have the model's dtype.
 
     Raises:
-        WeightsError: the file cannot be read or does not match the model.
+        WeightsError: the file cannot be read or does not match the model; the message names the tensor.
     """
     sd = load_state(path)
+    target = model.state_dict()
+    _check_values(sd, target, path)
     try:
         model.load_state_dict(sd, strict=True)
         return
     except RuntimeError as e:
         first = e
-    try:  # timm's own conversion (pos_embed resizing, original DeiT/ViT key names)
+    try:  # timm's own conversion (original DeiT/ViT key names)
         from timm.models.vision_transformer import checkpoint_filter_fn
-        model.load_state_dict(checkpoint_filter_fn(sd, model), strict=True)
-        return
+        converted = checkpoint_filter_fn(sd, model)
     except Exception:  # noqa: BLE001 -- report the plain mismatch below
-        pass
+        converted = None
+    if converted is not None:
+        resampled = [k for k, v in converted.items() if k in sd and _resampled(sd[k], v)]
+        if resampled:
+            shapes = ', '.join(f'{k} {tuple(sd[k].shape)} -> {tuple(converted[k].shape)}' for k in resampled[:3])
+            raise WeightsError(f'{path}: holds weights of another patch size or image size than {_arch(model)} '
+                               f'({shapes}); they are not resampled: build the model they belong to (its img_size / '
+                               'patch_size)')
+        try:
+            _check_values(converted, target, path)
+            model.load_state_dict(converted, strict=True)
+            return
+        except (RuntimeError, WeightsError):
+            pass
     msg = str(first).replace('\n\t', ' ').replace('\n', ' ')
-    raise WeightsError(f'{path} does not match {type(model).__name__} '
-                       f'{getattr(model, "pretrained_cfg", {}).get("architecture", "")}: {msg[:800]}')
+    raise WeightsError(f'{path} does not match {_arch(model)}: {msg[:800]}')
+
+
+def _resampled(saved: torch.Tensor, converted: torch.Tensor) -> bool:
+    """Whether timm's conversion changed a tensor's values, not only its layout (a reshape keeps the count)."""
+    return saved.shape != converted.shape and (saved.numel() != converted.numel() or saved.dim() == converted.dim())
+
+
+def _arch(model: nn.Module) -> str:
+    return f'{type(model).__name__} {getattr(model, "pretrained_cfg", {}).get("architecture", "")}'.strip()
+
+
+def _check_values(sd: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor], path: str) -> None:
+    """Every tensor of `sd` that `target` has: a dtype it can be loaded from, and finite values."""
+    for k, v in sd.items():
+        want = target.get(k)
+        if want is None:
+            continue
+        if want.is_floating_point():
+            if v.dtype not in _FLOAT_DTYPES:
+                raise WeightsError(f'{path}: {k} is {str(v.dtype).replace("torch.", "")}; weights must be float32, '
+                                   'float16 or bfloat16' + (' (convert the file to float32)'
+                                                            if v.is_floating_point() else ''))
+            if not bool(torch.isfinite(v).all()):
+                bad = int((~torch.isfinite(v)).sum())
+                raise WeightsError(f'{path}: {k} holds {bad} NaN or Inf value{"s" if bad > 1 else ""}')
+        elif v.dtype != want.dtype:
+            raise WeightsError(f'{path}: {k} is {str(v.dtype).replace("torch.", "")}, the model\'s '
+                               f'{str(want.dtype).replace("torch.", "")}')

@@ -70,23 +70,29 @@ def resolve_device(name: str):
         raise UsageError(f'--device {name!r}: {e}') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f'--device {name}: CUDA is not available on this machine')
+    if dev.type not in ('cpu', 'cuda'):
+        raise UsageError(f'--device {name}: not a device to run on here; use cpu or cuda'
+                         + (' (meta tensors hold no data)' if dev.type == 'meta' else ''))
     return dev
 
 
 def create_model(name: str, kwargs: dict, pretrained: bool = False, device='meta',
                  kwargs_flag: str = '--model-kwargs'):
     """snp_fast.weights.create_model with its errors naming MODEL / --model-kwargs / --pretrained, then the
-    family's structure check."""
-    from ..weights import WeightsError, create_model as create
+    family's structure check and a meta forward pass at the model's input size (weights.check_forward)."""
+    from ..weights import WeightsError, check_forward, create_model as create
     try:
         model = create(name, kwargs, pretrained=pretrained, device=device)
+        check_supported(model)
+        check_forward(model)
     except WeightsError as e:
         if e.arg == 'kwargs':
             raise UsageError(f'timm cannot build {name!r} with {kwargs_flag} {kwargs}: {e.detail}') from None
+        if e.arg == 'size':
+            raise UsageError((f'{kwargs_flag} {kwargs}: ' if kwargs else f'MODEL {name}: ') + str(e)) from None
         if e.arg == 'pretrained':
             raise UsageError(f'--pretrained: {e} (--checkpoint PATH)') from None
         raise UsageError(f'MODEL {e}') from None
-    check_supported(model)
     return model
 
 

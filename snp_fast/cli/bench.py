@@ -2,9 +2,9 @@
 import json
 import os
 
-from ..outputs import check_parent
+from ..outputs import plan_file, write_file
 from ._common import EXIT_OK, UsageError, create_model, family_module, log, model_kwargs, resolve_device
-from ._ratios import ratio_spec
+from ._ratios import ratio_spec, ratios_file
 
 def _random_init_(model) -> None:
     import torch
@@ -70,10 +70,10 @@ def run(args) -> int:
         if args.threads < 1:
             raise UsageError(f'--threads must be >= 1, got {args.threads}')
         torch.set_num_threads(args.threads)
-    if args.json:
-        if os.path.isdir(args.json):
-            raise UsageError(f'--json {args.json}: is a directory')
-        check_parent(args.json, '--json')
+    if args.json:  # before any timing: never over an existing file without --overwrite, never over an input
+        plan_file(args.json, '--json', overwrite=args.overwrite,
+                  inputs=[('MODEL_OR_DIR', args.target if os.path.isdir(args.target) else None),
+                          ('--ratios', args.ratios and ratios_file(args.ratios))])
     device = resolve_device(args.device)
     has_spec = any((args.preset, args.ratios, args.flops, args.params))
     if os.path.isdir(args.target):
@@ -117,8 +117,7 @@ def run(args) -> int:
     print(f'{what}: MACs {macs_o / 1e9:.3f}G' + (f' -> {macs_p / 1e9:.3f}G' if macs_p else ''))
     print(bench.format_table(rows, macs_o / macs_p if macs_p else None))
     if args.json:
-        from ..io import write_atomic
-        write_atomic(args.json, json.dumps({'target': args.target, 'macs_original': macs_o, 'macs_pruned': macs_p,
+        write_file(args.json, json.dumps({'target': args.target, 'macs_original': macs_o, 'macs_pruned': macs_p,
                                             'threads': torch.get_num_threads(), 'repeats': args.repeats,
                                             'rows': rows}, indent=1).encode())
     return EXIT_OK

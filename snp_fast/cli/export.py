@@ -4,7 +4,7 @@ import shutil
 import tempfile
 import time
 
-from ..outputs import check_parent, first_missing
+from ..outputs import first_missing, plan_file
 from ._common import EXIT_ERROR, EXIT_OK, UsageError, log
 
 def run(args) -> int:
@@ -14,14 +14,9 @@ def run(args) -> int:
         raise UsageError(f'DIR {args.dir}: no such directory')
     if not 17 <= args.opset <= MAX_OPSET:
         raise UsageError(f'--opset must be in [17, {MAX_OPSET}], got {args.opset}')
-    out = os.path.abspath(args.onnx)
-    if os.path.isdir(out):
-        raise UsageError(f'--onnx {args.onnx}: is a directory')
-    if os.path.exists(out) and not args.overwrite:
-        raise UsageError(f'--onnx {args.onnx}: exists (pass --overwrite to replace it)')
     if not args.tol >= 0:
         raise UsageError(f'--tol must be a number >= 0, got {args.tol}')
-    check_parent(out, '--onnx')
+    out = plan_file(args.onnx, '--onnx', overwrite=args.overwrite, inputs=[('DIR', args.dir)])
     model = snp_fast.load_pruned(args.dir)
     # exported and checked beside the destination, then renamed over it: a failed check leaves what was there
     made = first_missing(out)  # the outermost folder this export creates, removed again if it fails

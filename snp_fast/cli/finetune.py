@@ -1,8 +1,9 @@
 """snp-fast finetune: recover accuracy by distillation from the unpruned teacher (KD + CE), torchrun-ready."""
 import os
 
-from ..outputs import check_parent, dir_is_free, inside
+from ..outputs import check_parent, plan_dir
 from ._common import EXIT_OK, UsageError, create_model, family_name, load_checkpoint, log, model_kwargs, resolve_device
+
 
 def _task_data(name: str):
     """(x_train, y_train, x_val, y_val, shipped teacher loader) of a --data task."""
@@ -23,15 +24,12 @@ def run(args) -> int:
         raise UsageError(f'DIR {args.dir}: no such directory')
     out = os.path.abspath(args.out or args.dir.rstrip('/') + '_ft')
     ckpt = os.path.abspath(args.checkpoint_dir or out + '.ckpt')
-    for flag, path in (('--out', out), ('--checkpoint-dir', ckpt)):  # before any training
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise UsageError(f'{flag} {path}: exists and is not a directory')
-        check_parent(path, flag)
-    if not dir_is_free(out) and not args.overwrite:
-        raise UsageError(f'--out {out}: exists and is not empty (pass --overwrite to replace it)')
-    if inside(ckpt, out):
-        raise UsageError(f'--checkpoint-dir {ckpt}: inside --out {out}, which the fine-tuned model replaces; '
-                         'put the checkpoints elsewhere')
+    # the outputs' places, before any training (the checkpoint folder is finetune.py's: only its place here)
+    if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+        raise UsageError(f'--checkpoint-dir {ckpt}: exists and is not a directory')
+    check_parent(ckpt, '--checkpoint-dir')
+    plan_dir(out, '--out', overwrite=args.overwrite,
+             inputs=[('DIR', args.dir), ('--teacher-weights', args.teacher_weights), ('--checkpoint-dir', ckpt)])
     if args.resume and not os.path.isfile(os.path.join(ckpt, 'checkpoint.json')):
         raise UsageError(f'--resume: no checkpoint in {ckpt}')
     for flag in ('limit_train', 'limit_val', 'stop_after'):

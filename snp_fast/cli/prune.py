@@ -2,10 +2,11 @@
 import os
 import time
 
-from ..outputs import check_parent, dir_is_free, inside
+from ..outputs import plan_dir
 from ._common import (EXIT_OK, UsageError, create_model, family_name, load_checkpoint, log, model_kwargs,
                       resolve_device)
-from ._ratios import ratio_spec
+from ._ratios import ratio_spec, ratios_file
+
 
 class _ReportWithExtras:
     """What save_pruned writes to report.json: the PruneReport plus what the command line knows."""
@@ -42,15 +43,59 @@ class _BlockProgress:
         self.bar.close()
 
 
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, or less where a cgroup (v2) limit says so."""
+    avail = None
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (OSError, ValueError, AttributeError):
+            avail = 8 << 30
+    try:
+        with open('/sys/fs/cgroup/memory.max') as f, open('/sys/fs/cgroup/memory.current') as g:
+            limit = f.read().strip()
+            if limit != 'max':
+                avail = min(avail, int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
+
+
+def calib_bytes_per_image(meta) -> int:
+    """What one calibration image costs while pruning: the image (float32) and two copies of the model's
+    features (the calibration hidden states of the original and the pruned model), from a meta forward."""
+    import torch
+    from ..calib import data_config
+    size = data_config(meta)['input_size']
+    with torch.no_grad():
+        feats = meta.forward_features(torch.empty(1, *size, device='meta'))
+    return 4 * (int(torch.Size(size).numel()) + 2 * int(feats.numel()))
+
+
+def check_num_calib(meta, num: int) -> None:
+    """--num-calib above what fits in half the available memory is refused (all images are held at once)."""
+    per = calib_bytes_per_image(meta)
+    cap = max(1, available_memory() // 2 // per)
+    if num > cap:
+        raise UsageError(f'--num-calib {num}: the calibration images are held in memory together, '
+                         f'{per / 1e6:.2f} MB each with this model; at most {cap} fit in half the available memory '
+                         f'({available_memory() / 1e9:.1f} GB)')
+
+
 def run(args) -> int:
     import snp_fast
     from ..calib import load_calib
-    out = os.path.abspath(args.out or f'{args.model}_snp')
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f'--out {out}: exists and is not a directory')
-    check_parent(out, '--out')
-    if not dir_is_free(out) and not args.overwrite:
-        raise UsageError(f'--out {out}: exists and is not empty (pass --overwrite to replace it)')
+    # the output's place, before any work: writable, free (or --overwrite of a model folder), no input inside
+    out = plan_dir(args.out or f'{args.model}_snp', '--out', overwrite=args.overwrite,
+                   inputs=[('--checkpoint', args.checkpoint), ('--calib', args.calib),
+                           ('--ratios', args.ratios and ratios_file(args.ratios))])
     if args.num_calib < 1:
         raise UsageError(f'--num-calib must be >= 1, got {args.num_calib}')
     if args.batch_size < 1:
@@ -60,9 +105,6 @@ def run(args) -> int:
                                                       else 'no such directory'))
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise UsageError(f'--checkpoint {args.checkpoint}: no such file')
-    for flag in ('checkpoint', 'calib'):  # --overwrite replaces --out as a whole: never with the run's own inputs
-        if args.overwrite and getattr(args, flag) is not None and inside(getattr(args, flag), out):
-            raise UsageError(f'--{flag} {getattr(args, flag)}: inside --out {out}, which --overwrite replaces')
     device = resolve_device(args.device)
     kwargs = model_kwargs(args.model_kwargs)
     progress = not args.quiet
@@ -74,6 +116,7 @@ def run(args) -> int:
     if args.plot and any(type(b.attn).__name__ != 'Attention' for b in meta.blocks):
         raise UsageError(f'--plot reads q and k from timm\'s plain Attention; {args.model} has '
                          f'{type(meta.blocks[0].attn).__name__} (RoPE / fused variants are not drawn)')
+    check_num_calib(meta, args.num_calib)
     ratios, preset, alloc, preset_note = ratio_spec(args, meta)
     if alloc is not None:
         log(alloc.describe())
