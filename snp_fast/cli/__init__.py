@@ -14,7 +14,7 @@ A failed command leaves no output directory or file behind.
 
 Layout: _parser (the options of every subcommand), one module per subcommand (prune, bench, export,
 inspect, finetune: each a `run(args) -> exit status`), _common (exit codes, UsageError, logging, device,
-model building and weights, the family decision), _ratios (the pruning targets shared by prune and bench).
+model building and weights, the family look-up), _ratios (the pruning targets shared by prune and bench).
 Library logic lives in the library: snp_fast.weights (models and weights), snp_fast.outputs (where a
 command may write).
 """
@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.argv = ['snp-fast'] + argv
     from ..calib import CalibError
     from ..io import RecipeError
-    from ..models.vit import UnsupportedModelError
+    from ..families import UnsupportedModelError
     old_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *a, **k: f'warning: {message}\n'  # one line each
     # SIGTERM (timeout, a job scheduler) unwinds like Ctrl-C, so that half-written outputs are removed

@@ -1,5 +1,5 @@
 """What every subcommand shares: exit codes, UsageError, logging, --model-kwargs, --device, model building
-and weights with errors mapped to the command line's flags, and the one place that decides a model's family."""
+and weights with errors mapped to the command line's flags, and the one place that asks for a model's family."""
 import json
 import sys
 from typing import Optional
@@ -17,30 +17,27 @@ def log(msg: str = '') -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# model families: the ONE place the command line decides which family a model or a recipe belongs to
+# model families: the ONE place the command line asks which family a model or a recipe belongs to
 
-def family_name(model_or_recipe) -> str:
-    """'efficientformer' or 'vit': the family of a timm model; of a recipe (dict) written by save_pruned, its
-    'family' entry (default 'vit').
+def family(model_or_recipe):
+    """The snp_fast.families.Family of a timm model (UnsupportedModelError for none), or of a recipe (dict)
+    written by save_pruned (RecipeError for an unknown family).
 
-    Every family-dependent branch of the command line goes through here (to be redirected to the
-    family registry, snp_fast.families, when it lands).
+    Every family-dependent step of the command line asks here; the answer comes from the family registry.
     """
+    from ..families import family_for_recipe, family_of
     if isinstance(model_or_recipe, dict):
-        return str(model_or_recipe.get('family', 'vit'))
-    from ..models import efficientformer
-    return 'efficientformer' if efficientformer.is_efficientformer(model_or_recipe) else 'vit'
-
-
-def family_module(model_or_recipe):
-    """The snp_fast.models module of that family (model_dims, apply_dims, resolve_ratios, check_supported...)."""
-    from ..models import efficientformer, vit
-    return efficientformer if family_name(model_or_recipe) == 'efficientformer' else vit
+        from ..io import RecipeError
+        try:
+            return family_for_recipe(model_or_recipe)
+        except ValueError as e:
+            raise RecipeError(f'recipe.json: {e}') from None
+    return family_of(model_or_recipe)
 
 
 def check_supported(model) -> None:
     """The model family's own structure check (UnsupportedModelError for what snp_fast cannot prune)."""
-    family_module(model).check_supported(model)
+    family(model).check_supported(model)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ import json
 import os
 
 from ..outputs import plan_file, write_file
-from ._common import EXIT_OK, UsageError, create_model, family_module, log, model_kwargs, resolve_device
+from ._common import EXIT_OK, UsageError, create_model, family, log, model_kwargs, resolve_device
 from ._ratios import ratio_spec, ratios_file
+
 
 def _random_init_(model) -> None:
     import torch
@@ -52,7 +53,6 @@ def run(args) -> int:
     import snp_fast
     from .. import bench
     from ..macs import meta_copy
-    from ..models import vit
     try:
         batches = [int(b) for b in args.batch.split(',') if b.strip()]
         if not batches or min(batches) < 1:
@@ -94,14 +94,10 @@ def run(args) -> int:
             ratios, preset, alloc, _ = ratio_spec(args, original)
             if alloc is not None:
                 log(alloc.describe())
-            family = family_module(original)
-            if family is not vit:
-                orig = family.model_dims(original)
-                dims = family.target_dims(orig, family.resolve_ratios(ratios, orig), [])
-            else:
-                from ..ratios import resolve_ratios, target_dims
-                dims = target_dims(vit.model_dims(original), resolve_ratios(ratios, len(original.blocks)), [])
-            pruned = family.apply_dims(meta_copy(original), dims).to_empty(device=device)
+            fam = family(original)
+            orig = fam.model_dims(original)
+            dims = fam.target_dims(orig, fam.resolve_ratios(ratios, orig), [])
+            pruned = fam.apply_dims(meta_copy(original), dims).to_empty(device=device)
             _random_init_(pruned)
             _init_buffers_(pruned, original)
             pruned = pruned.eval()

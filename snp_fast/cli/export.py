@@ -7,6 +7,7 @@ import time
 from ..outputs import first_missing, plan_file
 from ._common import EXIT_ERROR, EXIT_OK, UsageError, log
 
+
 def run(args) -> int:
     import snp_fast
     from ..export import MAX_OPSET, check_onnx, export_onnx

@@ -2,7 +2,7 @@
 import os
 
 from ..outputs import check_parent, plan_dir
-from ._common import EXIT_OK, UsageError, create_model, family_name, load_checkpoint, log, model_kwargs, resolve_device
+from ._common import EXIT_OK, UsageError, create_model, family, load_checkpoint, log, model_kwargs, resolve_device
 
 
 def _task_data(name: str):
@@ -19,7 +19,6 @@ def run(args) -> int:
     import snp_fast
     from ..finetune import FinetuneConfig, finetune, init_distributed
     from ..io import load_recipe
-    from ..models.vit import ModelDims, model_dims
     if not os.path.isdir(args.dir):
         raise UsageError(f'DIR {args.dir}: no such directory')
     out = os.path.abspath(args.out or args.dir.rstrip('/') + '_ft')
@@ -46,8 +45,9 @@ def run(args) -> int:
         raise UsageError(f'--{str(e).replace("_", "-")}') from None
 
     recipe = load_recipe(args.dir)
-    if family_name(recipe) != 'vit':
-        raise UsageError(f'DIR {args.dir} holds a pruned {family_name(recipe)} model; finetune takes the ViT family only')
+    fam = family(recipe)
+    if fam.name != 'vit':
+        raise UsageError(f'DIR {args.dir} holds a pruned {fam.name} model; finetune takes the ViT family only')
     x_tr, y_tr, x_val, y_val, shipped = _task_data(args.data)
     if args.limit_train:
         x_tr, y_tr = x_tr[:args.limit_train], y_tr[:args.limit_train]
@@ -67,10 +67,10 @@ def run(args) -> int:
                 raise UsageError(f'{flag} needs --teacher-weights (the shipped teacher is used without it)')
         teacher, how = shipped(), f'shipped {args.data} ViT'
     try:
-        before = ModelDims.from_dict(recipe['dims_before'])
+        before = fam.dims_type.from_dict(recipe['dims_before'])
     except (KeyError, TypeError, ValueError) as e:
         raise snp_fast.RecipeError(f'{args.dir}/recipe.json: malformed dims: {e}') from None
-    if model_dims(teacher) != before:
+    if fam.model_dims(teacher) != before:
         raise UsageError(f'the teacher ({how}) is not the model {args.dir} was pruned from (its widths differ from '
                          'the recipe\'s dims_before); pass the unpruned weights with --teacher-weights')
 

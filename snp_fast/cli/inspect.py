@@ -2,7 +2,8 @@
 import json
 import os
 
-from ._common import EXIT_OK, UsageError, family_name
+from ._common import EXIT_OK, UsageError, family
+
 
 def _fmt_bytes(n: int) -> str:
     for unit, f in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
@@ -11,48 +12,29 @@ def _fmt_bytes(n: int) -> str:
     return f'{n} B'
 
 
-def _inspect_vit(directory: str, recipe: dict) -> None:
-    import timm
-    from ..allocate import dims_cost
-    from ..io import RecipeError
-    from ..models.vit import ModelDims
-    try:
-        before, after = ModelDims.from_dict(recipe['dims_before']), ModelDims.from_dict(recipe['dims_after'])
-    except (KeyError, TypeError, ValueError) as e:
-        raise RecipeError(f'{directory}/recipe.json: malformed dims: {e}') from None
-    name, kw = _inspect_header(directory, recipe)
-    try:
-        meta = timm.create_model(name, pretrained=False, device='meta', **kw)
-        costs = {m: (dims_cost(meta, before, m), dims_cost(meta, after, m)) for m in ('params', 'macs')}
-        (p0, p1), (m0, m1) = costs['params'], costs['macs']
-        print(f'params {p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M ({p1 / p0:.1%}),  MACs {m0 / 1e9:.3f}G -> {m1 / 1e9:.3f}G '
-              f'({m1 / m0:.1%}),  embed {before.embed} -> {after.embed}')
-    except Exception as e:  # noqa: BLE001 -- still print the widths
-        print(f'(cannot rebuild {name!r} to count params/MACs: {e})')
-    print(f'{"block":>5} {"heads":>5} {"q/k per head":>13} {"v per head":>11} {"fc1":>11}')
-    for i, (x, y) in enumerate(zip(before.blocks, after.blocks)):
-        print(f'{i:>5} {y.heads:>5} {x.qk:>5} -> {y.qk:<4} {x.v:>4} -> {y.v:<4} {x.mlp:>4} -> {y.mlp:<5}')
-
-
-def _inspect_efficientformer(directory: str, recipe: dict) -> None:
-    import timm
+def _inspect_sizes(directory: str, recipe: dict) -> None:
+    """The header, then the lines the prune report prints for these widths (report.PruneReport.size_lines: the
+    totals and the family's own width table)."""
     from ..io import RecipeError
     from ..macs import count_macs, count_params, meta_copy
-    from ..models import efficientformer as ef
+    from ..report import PruneReport
+    from ..weights import create_model
+    fam = family(recipe)
     try:
-        before, after = ef.EfficientFormerDims.from_dict(recipe['dims_before']), \
-            ef.EfficientFormerDims.from_dict(recipe['dims_after'])
+        before, after = fam.dims_type.from_dict(recipe['dims_before']), fam.dims_type.from_dict(recipe['dims_after'])
     except (KeyError, TypeError, ValueError) as e:
         raise RecipeError(f'{directory}/recipe.json: malformed dims: {e}') from None
     name, kw = _inspect_header(directory, recipe)
     try:
-        meta = timm.create_model(name, pretrained=False, device='meta', **kw)
-        small = ef.apply_dims(meta_copy(meta), after)
+        meta = create_model(name, kw, device='meta')  # a timm name only: never a hub or file path from the recipe
+        small = fam.apply_dims(meta_copy(meta), after)
         sizes = (count_params(meta), count_params(small), count_macs(meta), count_macs(small))
     except Exception as e:  # noqa: BLE001 -- still print the widths
         print(f'(cannot rebuild {name!r} to count params/MACs: {e})')
-        sizes = (1, 1, 1, 1)
-    print('\n'.join(ef.EfficientFormerReport(before, after, *sizes, times={}, settings={})._size_lines()))
+        print('\n'.join(fam.width_lines(before, after)))
+        return
+    report = PruneReport(before, after, *sizes, times={}, settings={}, width_lines=fam.width_lines)
+    print('\n'.join(report.size_lines()))
 
 
 def _inspect_header(directory: str, recipe: dict):
@@ -68,10 +50,7 @@ def run(args) -> int:
     if not os.path.isdir(args.dir):
         raise UsageError(f'DIR {args.dir}: no such directory')
     recipe = load_recipe(args.dir)
-    if family_name(recipe) == 'efficientformer':
-        _inspect_efficientformer(args.dir, recipe)
-    else:
-        _inspect_vit(args.dir, recipe)
+    _inspect_sizes(args.dir, recipe)
     s = recipe.get('settings') or {}
     keys = ('preset', 'qk_criterion', 'v_criterion', 'mlp_criterion', 'embed_criterion', 'refit', 'calib_images', 'backend',
             'precision')

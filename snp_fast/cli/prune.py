@@ -3,7 +3,7 @@ import os
 import time
 
 from ..outputs import plan_dir
-from ._common import (EXIT_OK, UsageError, create_model, family_name, load_checkpoint, log, model_kwargs,
+from ._common import (EXIT_OK, UsageError, create_model, family, load_checkpoint, log, model_kwargs,
                       resolve_device)
 from ._ratios import ratio_spec, ratios_file
 
@@ -111,8 +111,8 @@ def run(args) -> int:
     t_start = time.perf_counter()
 
     meta = create_model(args.model, kwargs, device='meta')  # cheap: fail fast on bad names/ratios/targets
-    if args.plot and family_name(meta) == 'efficientformer':
-        raise UsageError('--plot draws ViT CLS attention maps; it is not available for EfficientFormer')
+    if args.plot and family(meta).name != 'vit':
+        raise UsageError(f'--plot draws ViT CLS attention maps; it is not available for {type(meta).__name__}')
     if args.plot and any(type(b.attn).__name__ != 'Attention' for b in meta.blocks):
         raise UsageError(f'--plot reads q and k from timm\'s plain Attention; {args.model} has '
                          f'{type(meta.blocks[0].attn).__name__} (RoPE / fused variants are not drawn)')
