@@ -49,6 +49,7 @@ def load_dir_pair(directory: str, device):
 
 
 def run(args) -> int:
+    """`snp-fast bench MODEL_OR_DIR ...`: time the original vs the pruned model; the exit status."""
     import torch
     import snp_fast
     from .. import bench

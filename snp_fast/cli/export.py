@@ -9,6 +9,7 @@ from ._common import EXIT_ERROR, EXIT_OK, UsageError, log
 
 
 def run(args) -> int:
+    """`snp-fast export DIR --onnx OUT`: export, check with ONNX Runtime, then move into place; the exit status."""
     import snp_fast
     from ..export import MAX_OPSET, check_onnx, export_onnx
     if not os.path.isdir(args.dir):

@@ -15,6 +15,8 @@ def _task_data(name: str):
 
 
 def run(args) -> int:
+    """`snp-fast finetune DIR --data TASK ...`: distil the teacher into the pruned model, save to --out; the exit
+    status."""
     import torch
     import snp_fast
     from ..finetune import FinetuneConfig, finetune, init_distributed

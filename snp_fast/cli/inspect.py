@@ -46,6 +46,7 @@ def _inspect_header(directory: str, recipe: dict):
 
 
 def run(args) -> int:
+    """`snp-fast inspect DIR`: print what a pruned-model folder holds; the exit status."""
     from ..io import load_recipe
     if not os.path.isdir(args.dir):
         raise UsageError(f'DIR {args.dir}: no such directory')

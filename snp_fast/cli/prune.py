@@ -90,6 +90,7 @@ def check_num_calib(meta, num: int) -> None:
 
 
 def run(args) -> int:
+    """`snp-fast prune MODEL ...`: build, load weights, calibrate, prune, save to --out; the exit status."""
     import snp_fast
     from ..calib import load_calib
     # the output's place, before any work: writable, free (or --overwrite of a model folder), no input inside
