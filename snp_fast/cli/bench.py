@@ -19,8 +19,9 @@ def _random_init_(model) -> None:
 
 
 def _init_buffers_(pruned, original) -> None:
-    """to_empty() leaves buffers uninitialised: index tables (EfficientFormer's attention_bias_idxs) come from
-    the original where the shapes agree, BatchNorm statistics start at (0, 1)."""
+    """to_empty() leaves `pruned`'s buffers uninitialised: index tables (EfficientFormer's attention_bias_idxs) come
+    from `original` where the shapes agree, BatchNorm statistics start at (0, 1), the rest at 0. (Either model may be
+    the one made with to_empty: bench DIR rebuilds the original that way, beside the saved pruned model.)"""
     import torch
     orig = dict(original.named_buffers())
     with torch.no_grad():
@@ -34,18 +35,22 @@ def _init_buffers_(pruned, original) -> None:
 
 
 def load_dir_pair(directory: str, device):
-    import timm
+    """(original, pruned, name) of a folder written by prune: the pruned model as saved, the original rebuilt by
+    its family from the recipe (never from the network) with random weights (latency does not depend on them)."""
     import snp_fast
     from ..io import load_recipe
     recipe = load_recipe(directory)
     pruned = snp_fast.load_pruned(directory, device=str(device) if device.type != 'cpu' else 'cpu')
     try:
-        original = timm.create_model(recipe['timm_name'], pretrained=False, **(recipe.get('timm_kwargs') or {}))
-    except Exception as e:  # noqa: BLE001
-        raise snp_fast.RecipeError(f'{directory}/recipe.json: timm cannot build {recipe.get("timm_name")!r}: {e}') from e
+        original = family(recipe).build_unpruned(recipe).to_empty(device='cpu')
+    except ValueError as e:
+        raise snp_fast.RecipeError(f'{directory}/recipe.json: {e}') from None
+    _random_init_(original)
+    _init_buffers_(original, pruned)
     # the original in the pruned model's dtype: a speed-up that mixes in fp32 vs fp16 / bf16 is not pruning's
     dtype = next(pruned.parameters()).dtype
-    return original.to(device, dtype).eval(), pruned.to(device).eval(), recipe['timm_name']
+    name = recipe.get('timm_name') or recipe.get('hf_class')
+    return original.to(device, dtype).eval(), pruned.to(device).eval(), name
 
 
 def run(args) -> int:

@@ -18,7 +18,6 @@ def _inspect_sizes(directory: str, recipe: dict) -> None:
     from ..io import RecipeError
     from ..macs import count_macs, count_params, meta_copy
     from ..report import PruneReport
-    from ..weights import create_model
     fam = family(recipe)
     try:
         before, after = fam.dims_type.from_dict(recipe['dims_before']), fam.dims_type.from_dict(recipe['dims_after'])
@@ -26,7 +25,7 @@ def _inspect_sizes(directory: str, recipe: dict) -> None:
         raise RecipeError(f'{directory}/recipe.json: malformed dims: {e}') from None
     name, kw = _inspect_header(directory, recipe)
     try:
-        meta = create_model(name, kw, device='meta')  # a timm name only: never a hub or file path from the recipe
+        meta = fam.build_unpruned(recipe)  # on the meta device, by the family's own rules
         small = fam.apply_dims(meta_copy(meta), after)
         sizes = (count_params(meta), count_params(small), count_macs(meta), count_macs(small))
     except Exception as e:  # noqa: BLE001 -- still print the widths
@@ -38,7 +37,7 @@ def _inspect_sizes(directory: str, recipe: dict) -> None:
 
 
 def _inspect_header(directory: str, recipe: dict):
-    name, kw = recipe.get('timm_name'), recipe.get('timm_kwargs') or {}
+    name, kw = recipe.get('timm_name') or recipe.get('hf_class'), recipe.get('timm_kwargs') or {}
     print(f'{directory}: {name} pruned with snp_fast {recipe.get("snp_fast_version", "?")} ({recipe.get("format")})')
     if kw:
         print('timm kwargs: ' + json.dumps(kw))
