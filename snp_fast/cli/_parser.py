@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--calib', metavar='DIR', help='calibration images: an ImageFolder tree or a flat folder '
                    '(default: real sample photos shipped with scikit-learn / scikit-image)')
     p.add_argument('--num-calib', type=int, default=64, metavar='N',
-                   help='calibration images to use (default 64); they are held in memory together, so at most what '
-                        'fits in half the available memory: 4 bytes x (C*H*W + 2 x the model\'s feature size) each, '
-                        'about 0.9 MB for a 224px DeiT-T (exit 2 above)')
+                   help='calibration images to use (default 64); they are held in memory together: more than '
+                        'fit in a quarter of the available memory (snp_fast.calib.MEMORY_SHARE; about 0.6 MB per '
+                        '224px image) is refused (exit 2) after the first image, before the rest are built')
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument('--preset', metavar='NAME', help='the authors\' per-block ratios; one of: ' + ', '.join(_presets()))
     t.add_argument('--ratios', metavar='FILE.json', help='ratios (fraction REMOVED), a JSON file or inline JSON: a number, '

@@ -43,52 +43,6 @@ class _BlockProgress:
         self.bar.close()
 
 
-def available_memory() -> int:
-    """Bytes this process may still allocate: MemAvailable, or less where a cgroup (v2) limit says so."""
-    avail = None
-    try:
-        with open('/proc/meminfo') as f:
-            for line in f:
-                if line.startswith('MemAvailable:'):
-                    avail = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-        except (OSError, ValueError, AttributeError):
-            avail = 8 << 30
-    try:
-        with open('/sys/fs/cgroup/memory.max') as f, open('/sys/fs/cgroup/memory.current') as g:
-            limit = f.read().strip()
-            if limit != 'max':
-                avail = min(avail, int(limit) - int(g.read()))
-    except (OSError, ValueError):
-        pass
-    return max(avail, 0)
-
-
-def calib_bytes_per_image(meta) -> int:
-    """What one calibration image costs while pruning: the image (float32) and two copies of the model's
-    features (the calibration hidden states of the original and the pruned model), from a meta forward."""
-    import torch
-    from ..calib import data_config
-    size = data_config(meta)['input_size']
-    with torch.no_grad():
-        feats = meta.forward_features(torch.empty(1, *size, device='meta'))
-    return 4 * (int(torch.Size(size).numel()) + 2 * int(feats.numel()))
-
-
-def check_num_calib(meta, num: int) -> None:
-    """--num-calib above what fits in half the available memory is refused (all images are held at once)."""
-    per = calib_bytes_per_image(meta)
-    cap = max(1, available_memory() // 2 // per)
-    if num > cap:
-        raise UsageError(f'--num-calib {num}: the calibration images are held in memory together, '
-                         f'{per / 1e6:.2f} MB each with this model; at most {cap} fit in half the available memory '
-                         f'({available_memory() / 1e9:.1f} GB)')
-
-
 def run(args) -> int:
     """`snp-fast prune MODEL ...`: build, load weights, calibrate, prune, save to --out; the exit status."""
     import snp_fast
@@ -117,7 +71,6 @@ def run(args) -> int:
     if args.plot and any(type(b.attn).__name__ != 'Attention' for b in meta.blocks):
         raise UsageError(f'--plot reads q and k from timm\'s plain Attention; {args.model} has '
                          f'{type(meta.blocks[0].attn).__name__} (RoPE / fused variants are not drawn)')
-    check_num_calib(meta, args.num_calib)
     ratios, preset, alloc, preset_note = ratio_spec(args, meta)
     if alloc is not None:
         log(alloc.describe())
