@@ -54,9 +54,13 @@ def check_parent(path: str, flag: str) -> None:
     if not os.path.isdir(parent):
         raise OutputError(f'{flag} {path}: {parent} is a file, not a folder')
     try:
-        os.rmdir(tempfile.mkdtemp(prefix='.snp_fast_probe_', dir=parent))
+        probe = tempfile.mkdtemp(prefix='.snp_fast_probe_', dir=parent)
     except OSError as e:
         raise OutputError(f'{flag} {path}: cannot write in {parent} ({e.strerror or e})') from None
+    try:
+        os.rmdir(probe)
+    except OSError:  # (gone already: what counts is that it could be made)
+        pass
 
 
 def dir_is_free(path: str) -> bool:
