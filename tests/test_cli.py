@@ -15,6 +15,9 @@ import torch
 import snp_fast
 from snp_fast import allocate as al
 from snp_fast import cli
+from snp_fast.cli import inspect as cli_inspect
+from snp_fast.cli.bench import load_dir_pair
+from snp_fast.weights import hub_reachable
 from snp_fast.families.vit import BlockDims, ModelDims
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -224,7 +227,7 @@ def test_bench_dir_and_model(flops_run, work):
 def test_bench_dir_compares_in_the_saved_dtype(flops_run, tmp_path):
     """bench DIR times the original in the pruned model's dtype (it was rebuilt in float32 beside an fp16 model)."""
     snp_fast.save_pruned(snp_fast.load_pruned(str(flops_run[1])).half(), str(tmp_path / 'h'))
-    original, pruned, _ = cli._load_dir_pair(str(tmp_path / 'h'), torch.device('cpu'))
+    original, pruned, _ = load_dir_pair(str(tmp_path / 'h'), torch.device('cpu'))
     assert next(original.parameters()).dtype == next(pruned.parameters()).dtype == torch.float16
 
 
@@ -319,7 +322,7 @@ def test_prune_bad_input(case, work, capsys, tmp_path):
 
 
 def test_pretrained_offline(capsys, tmp_path):
-    if cli._hub_reachable(timeout=2):
+    if hub_reachable(timeout=2):
         pytest.skip('the timm hub is reachable here: --pretrained would download weights')
     rc, text = main_rc(capsys, 'prune', 'deit_tiny_patch16_224', '--pretrained', '--preset', 'deit_tiny_patch16_224',
                        '--out', tmp_path / 'o')
@@ -525,7 +528,7 @@ def test_sigterm_unwinds_like_ctrl_c(capsys, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
         return 0
-    monkeypatch.setattr(cli, 'cmd_inspect', killed)
+    monkeypatch.setattr(cli_inspect, 'run', killed)
     before = signal.getsignal(signal.SIGTERM)
     rc, text = main_rc(capsys, 'inspect', '.')
     assert rc == 130 and 'interrupted' in text, text
@@ -633,7 +636,14 @@ def test_finetune_bad_input(case, digits_pruned, work, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_torchrun_two_processes(digits_pruned, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo on CPU) gives the 1-process result with the same global batch."""
+    """torchrun --nproc_per_node 2 (gloo on CPU) gives the 1-process result with the same global batch, up to the
+    float32 rounding of the training itself.
+
+    Two processes sum their half-batch gradients where one process averages the whole batch: the same numbers
+    rounded in another order. How far 4 AdamW steps carry a difference of that size is measured, not assumed: the
+    1-process run is repeated from the same weights moved by one ulp (a rounding-sized change), and the two-process
+    result must be within twice that of the 1-process one (the all-reduce rounds every gradient element, summing
+    and dividing, where the one-ulp move rounds every weight once)."""
     env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
     import socket
     with socket.socket() as sock:
@@ -646,11 +656,26 @@ def test_finetune_torchrun_two_processes(digits_pruned, tmp_path):
     assert r.stdout.count('wrote ') == 1, r.stdout          # rank 0 alone reports and writes
     r = run_cli('finetune', digits_pruned, *FT_FAST, '--out', tmp_path / 'one')
     assert r.returncode == 0, r.stderr
-    one, two = (snp_fast.load_pruned(str(tmp_path / n)) for n in ('one', 'two'))
+    # the reference for float32 rounding: the same 1-process run from weights moved by one ulp
+    moved = snp_fast.load_pruned(str(digits_pruned))
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.copy_(torch.nextafter(p, torch.full_like(p, float('inf'))))
+    snp_fast.save_pruned(moved, str(tmp_path / 'moved'))
+    r = run_cli('finetune', tmp_path / 'moved', *FT_FAST, '--out', tmp_path / 'one_moved',
+                '--checkpoint-dir', tmp_path / 'one_moved.ckpt')
+    assert r.returncode == 0, r.stderr
+    one, two, ref = (snp_fast.load_pruned(str(tmp_path / n)) for n in ('one', 'two', 'one_moved'))
     assert json.loads((tmp_path / 'two' / 'recipe.json').read_text())['finetune']['world_size'] == 2
-    for m in (one, two):   # key biases get no gradient (softmax ignores them): AdamW amplifies their rounding
+    for m in (one, two, ref):   # key biases get no gradient (softmax ignores them): AdamW amplifies their rounding
         for blk in m.blocks:
             n = blk.attn.num_heads * blk.attn.qk_dim
             blk.attn.qkv.bias.data[n:2 * n] = 0
-    diff = max((one.state_dict()[k] - v).abs().max().item() for k, v in two.state_dict().items())
-    assert diff < 1e-5
+
+    def max_diff(a, b):
+        return max((a.state_dict()[k].double() - v.double()).abs().max().item() for k, v in b.state_dict().items())
+    rounding = max_diff(one, ref)
+    # not void, and not chaotic: below what 4 AdamW steps can move a weight at all (about lr = 5e-4 per step)
+    assert 0 < rounding < 4 * 5e-4, rounding
+    # measured here: 1.1e-5 between 2 processes and 1 (the old fixed bound was 1e-5), 2.5e-5 for the one-ulp move
+    assert max_diff(one, two) <= 2 * rounding, (max_diff(one, two), rounding)
