@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--overwrite', action='store_true', help=OVERWRITE_HELP)
     p.add_argument('--device', default='auto', help='cpu, cuda, cuda:1, ... (default: cuda if available)')
     p.add_argument('--backend', default='auto',
-                   help='kernels to prefer: auto | reference | cpu | cuda | triton (each op on it where it has it)')
+                   help='kernels to prefer: auto | reference | compiled | triton (each op on it where it has it)')
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
                    help='precision of the redundancy cosines and re-fit Grams: fp32 (default, the pure-Python '
                    "version's selection) or bf16 (faster on CPUs with AMX / AVX512-BF16; near-tied filters may swap)")
