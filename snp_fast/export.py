@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .macs import example_input, model_input_size
+from .outputs import current_umask
 
 __all__ = ['DEFAULT_OPSET', 'MAX_OPSET', 'export_onnx', 'check_onnx']
 
@@ -53,8 +54,7 @@ def export_onnx(model: nn.Module, path: str, example: Optional[torch.Tensor] = N
                 model, (example,), tmp, dynamo=False, opset_version=opset, input_names=['image'],
                 output_names=['logits'], do_constant_folding=True,
                 dynamic_axes={'image': {0: 'batch'}, 'logits': {0: 'batch'}} if dynamic_batch else None)
-        from .io import _umask
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

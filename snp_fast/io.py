@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .families import family_for_recipe
+from .outputs import current_umask
 from .report import RECIPE_FORMAT
 
 __all__ = ['save_pruned', 'load_pruned', 'check_recipe_safe', 'RecipeError']
@@ -45,36 +46,6 @@ def _build_skeleton(recipe: dict) -> nn.Module:
         raise RecipeError(f'the recipe\'s model could not be built: {e}') from e
     family.check_supported(model)
     return model
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux says it (os.umask can only set it)."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('Umask:'):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file beside it and a rename: never half-written."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.snp_fast_', dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # Temporary folders of save_pruned, beside the destination: .snp_fast_<new|old>-<pid>-<host hash>-<random>.
@@ -202,7 +173,7 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
             with open(os.path.join(tmp, name), 'wb') as f:
                 f.write(data)
         # mkdtemp's 0700 (and safetensors' 0600 files) would hide the saved model from other users
-        mask = _umask()
+        mask = current_umask()
         os.chmod(tmp, 0o777 & ~mask)
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)

@@ -22,7 +22,7 @@ import os
 import tempfile
 from typing import Iterable, Optional, Sequence, Tuple
 
-__all__ = ['OutputError', 'MODEL_FILES', 'plan_dir', 'plan_file', 'write_file', 'first_missing', 'check_parent',
+__all__ = ['OutputError', 'MODEL_FILES', 'plan_dir', 'plan_file', 'write_file', 'write_atomic', 'current_umask', 'first_missing', 'check_parent',
            'dir_is_free', 'inside']
 
 # What a model folder written by snp_fast holds (save_pruned's files, report.json, prune --plot's picture):
@@ -137,5 +137,35 @@ def plan_file(path: str, flag: str, *, overwrite: bool, inputs: Inputs = ()) -> 
 
 def write_file(path: str, data: bytes) -> None:
     """Write `data` to a path checked by plan_file: through a temporary file beside it and a rename."""
-    from .io import write_atomic
     write_atomic(path, data)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only set it)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it and a rename: never half-written."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.snp_fast_', dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
