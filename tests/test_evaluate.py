@@ -67,3 +67,31 @@ def test_bad_folders_are_refused_by_name(tmp_path):
         Image.fromarray(np.zeros((8, 8), np.uint8), mode='L').save(few / c / 'x.png')
     with pytest.raises(ValueError, match='the model has 10 outputs but the data has 3 classes'):
         evaluate_folder(model, str(few), config=cfg, workers=0)
+
+
+def test_eval_command_on_a_pruned_folder_and_a_timm_checkpoint(tmp_path):
+    """The CLI: a pruned folder evaluates with the preprocessing its recipe recorded (no flags), a timm name with
+    its checkpoint; --json writes the numbers; a missing data folder is exit 2."""
+    import json
+    import snp_fast
+    from safetensors.torch import save_file
+    from snp_fast.cli import main
+    model = load_digits_vit()
+    data = tmp_path / 'val'
+    write_digits(str(data), n=60)
+    x_tr = digits_data()[0][:32]
+    pruned, _ = snp_fast.prune(model, x_tr, 0.25)
+    snp_fast.save_pruned(pruned, str(tmp_path / 'pruned'))
+    flags = ['--mean', '0.3', '--std', '0.4', '--crop-pct', '1.0', '--interpolation', 'bilinear', '-j', '0',
+             '--no-progress']
+    assert main(['eval', str(tmp_path / 'pruned'), '--data', str(data), '--json', str(tmp_path / 'p.json')] + flags) == 0
+    save_file(model.state_dict(), str(tmp_path / 'digits.safetensors'))
+    kwargs = json.dumps({k: v for k, v in snp_fast.demo.DIGITS_VIT.items()})
+    assert main(['eval', 'vit_tiny_patch16_224', '--model-kwargs', kwargs, '--checkpoint',
+                 str(tmp_path / 'digits.safetensors'), '--data', str(data), '--json', str(tmp_path / 'o.json')]
+                + flags) == 0
+    p, o = (json.loads((tmp_path / f).read_text()) for f in ('p.json', 'o.json'))
+    assert p['images'] == o['images'] == 60 and o['top1'] > 0.9 and p['top1'] > 0.85
+    want = evaluate_folder(model, str(data), config=digits_config(model), workers=0)
+    assert o['top1'] == want.top1 and o['top5'] == want.top5
+    assert main(['eval', str(tmp_path / 'pruned'), '--data', str(tmp_path / 'none')]) == 2

@@ -4,6 +4,7 @@ import textwrap
 from typing import List
 
 from . import bench as bench_cmd
+from . import eval as eval_cmd
 from . import export as export_cmd
 from . import finetune as finetune_cmd
 from . import inspect as inspect_cmd
@@ -114,6 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--tol', type=float, default=1e-4, help='max abs difference allowed (default 1e-4)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing --onnx file (never one of DIR\'s files)')
     p.set_defaults(func=export_cmd.run)
+
+    p = sub.add_parser('eval', help='top-1 / top-5 / loss / images/s on an image folder (timm preprocessing)',
+                       description='Evaluate a pruned folder (with the preprocessing its recipe recorded from the '
+                                   'original model) or a timm model (--checkpoint / --pretrained) on an ImageFolder '
+                                   'tree (one sub-folder per class, sorted = class index, as timm and torchvision). '
+                                   'Images stream through timm\'s evaluation transform; unreadable files are skipped '
+                                   'and counted.')
+    p.add_argument('target', metavar='TARGET', help='a folder written by "prune" / "finetune", or a timm model name')
+    p.add_argument('--data', required=True, metavar='DIR', help='ImageFolder tree to evaluate on')
+    p.add_argument('--checkpoint', metavar='PATH', help='weights for a timm TARGET (.safetensors or a state dict)')
+    p.add_argument('--pretrained', action='store_true', help='timm hub weights for a timm TARGET')
+    _add_model_args(p)
+    p.add_argument('--img-size', type=int, metavar='N', help='input size (default: the model\'s data config)')
+    p.add_argument('--mean', type=float, nargs='+', metavar='M', help='normalisation mean per channel')
+    p.add_argument('--std', type=float, nargs='+', metavar='S', help='normalisation std per channel')
+    p.add_argument('--interpolation', choices=['bilinear', 'bicubic', 'nearest'], help='resize interpolation')
+    p.add_argument('--crop-pct', type=float, metavar='F', help='center-crop fraction (timm\'s crop_pct)')
+    p.add_argument('-b', '--batch-size', type=int, default=64, metavar='N', help='images per batch (default 64)')
+    p.add_argument('-j', '--workers', type=int, default=2, metavar='N', help='data-loading processes (default 2)')
+    p.add_argument('--device', default='auto', help='cpu, cuda, cuda:1, ... (default: cuda if available)')
+    p.add_argument('--json', metavar='FILE', help='also write the result as JSON')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --json file')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.set_defaults(func=eval_cmd.run)
 
     p = sub.add_parser('inspect', help='print the recipe of a pruned model and its sizes',
                        description='Print what a directory written by "prune" holds: the architecture, widths '
