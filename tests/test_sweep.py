@@ -1,4 +1,4 @@
-"""The coverage sweep (snp_fast.sweep): a small subset of distinct structures in CI, the full sweep as slow.
+"""The coverage sweep (research/sweep.py): a small subset of distinct structures in CI, the full sweep as slow.
 
 Each model is built by timm with depth=2 and a small image size (structure, not size, is covered),
 pruned, run, saved and re-loaded; the subset pins which structures must prune and which must be refused.
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import snp_fast
-from snp_fast import sweep
+from research import sweep
 
 # name -> expected status; one model per distinct structure
 SUBSET = {
