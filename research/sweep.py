@@ -25,6 +25,14 @@ exception, or a check above that does not hold: the thing this sweep is for); ``
 (too large to materialise even at depth=2, e.g. a model whose per-block kwargs reject depth=2, and not
 refused by snp_fast.prune on its meta-device build).
 
+Time limit: `timeout` seconds (default 60) for a model of up to REF_PARAMS = 100M parameters as built, and
+``timeout * (params / REF_PARAMS) ** 1.5`` above that (model_time_limit). At depth=2 and a few dozen tokens
+the pruning work is dominated by width-cubed terms (the re-fit's Cholesky solves of D_in × D_in systems, the
+redundancy Gram matrices of out × in weights), while a block's parameters grow as width², so the time a model
+needs grows as params^1.5: vit_7b_patch16_dinov3 (~350M parameters at depth=2) gets 60 · 3.5^1.5 ≈ 390 s, the
+~75M-parameter *_gigantic_* models 60 s. The build itself runs under the base limit; the scaled one starts
+counting at the same moment, and is applied once the built model's size is known.
+
 In the command each model runs in a worker process with a per-model time limit (signal.alarm inside
 the worker, and a hard kill from the parent if a long native op ignores the alarm); a worker that dies
 is replaced and its model recorded as FAILED, and one whose model timed out is replaced too (the alarm
@@ -41,9 +49,8 @@ import threading
 import time
 import traceback
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import snp_fast
 
@@ -55,6 +62,8 @@ DEFAULT_RATIOS = {'qk': .25, 'v': .25, 'mlp': .25, 'embed': .125}
 DEPTH = 2
 MIN_IMG = 64
 CALIB_IMAGES = 2
+REF_PARAMS = 100_000_000       # models up to this size (as built) get the base time limit; larger: (n / REF)^1.5
+TIME_EXPONENT = 1.5
 MAX_BUILD_PARAMS = 400_000_000  # never materialise a model larger than this (fp32: 1.6 GB)
 WIDTH_NOTE = 'no classifier head (num_classes=0), so embedding pruning changes the output feature width'
 REFUSAL_RE = re.compile(r'not supported|unsupported|cannot be pruned|not implemented', re.I)
@@ -77,6 +86,7 @@ class SweepResult:
     phase: str = ''                  # where it stopped: build | prune | forward | save | load | compare
     where: str = ''                  # innermost snp_fast frame of an unexpected exception (file:line)
     build_kwargs: Dict = field(default_factory=dict)
+    time_limit: Optional[float] = None  # seconds this model was allowed (model_time_limit of its built size)
     params_before: Optional[int] = None
     params_after: Optional[int] = None
     macs_before: Optional[int] = None
@@ -98,25 +108,46 @@ def list_sweep_models(patterns: Sequence[str] = DEFAULT_PATTERNS) -> List[str]:
 # ------------------------------------------------------------------------------------------------
 # one model
 
-@contextmanager
-def _time_limit(seconds: Optional[float]):
-    """signal.alarm guard (main thread only; elsewhere, or without SIGALRM, no limit is enforced)."""
-    usable = (seconds and seconds > 0 and hasattr(signal, 'SIGALRM')
-              and threading.current_thread() is threading.main_thread())
-    if not usable:
-        yield
-        return
+def model_time_limit(timeout: Optional[float], n_params: int) -> Optional[float]:
+    """Seconds a model of `n_params` parameters (as built) gets: `timeout` up to REF_PARAMS, then
+    timeout * (n_params / REF_PARAMS) ** 1.5 (see the module docstring). None / 0 (no limit) stays so."""
+    if not timeout:
+        return timeout
+    return float(timeout) * max(1.0, n_params / REF_PARAMS) ** TIME_EXPONENT
 
-    def _raise(signum, frame):
-        raise SweepTimeout(f'over the {seconds:g} s limit')
 
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, float(seconds))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+class _Alarm:
+    """A wall-clock limit by signal.setitimer (main thread only; elsewhere, or without SIGALRM, no limit is enforced).
+
+    `extend(total)` raises the limit to `total` seconds counted from the start, once a model's size is known."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self.active = bool(seconds and seconds > 0 and hasattr(signal, 'SIGALRM')
+                           and threading.current_thread() is threading.main_thread())
+
+    def _raise(self, signum, frame):
+        raise SweepTimeout(f'over the {self.seconds:g} s limit')
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        if self.active:
+            self.old = signal.signal(signal.SIGALRM, self._raise)
+            signal.setitimer(signal.ITIMER_REAL, float(self.seconds))
+        return self
+
+    def extend(self, total: Optional[float]) -> None:
+        if not self.active or not total or total <= self.seconds:
+            return
+        self.seconds = float(total)
+        left = self.seconds - (time.perf_counter() - self.t0)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+        return False
 
 
 def _short(msg: str, limit: int = 300) -> str:
@@ -244,16 +275,25 @@ def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: 
 
 
 def sweep_model(name: str, ratios: Optional[dict] = None, timeout: Optional[float] = 60.0, depth: int = DEPTH,
-                min_img: int = MIN_IMG, seed: int = 0, timm_kwargs: Optional[dict] = None) -> SweepResult:
+                min_img: int = MIN_IMG, seed: int = 0, timm_kwargs: Optional[dict] = None,
+                on_limit: Optional[Callable[[float], None]] = None) -> SweepResult:
     """Build, prune, run and save/load one timm model; never raises (except KeyboardInterrupt).
 
+    timeout: the base time limit in seconds, scaled by model_time_limit once the model is built (None: none).
     timm_kwargs: extra timm.create_model kwargs (e.g. {'qk_norm': True}) added to every build attempt.
+    on_limit: called with the scaled limit (seconds from the start) once it is known (run_sweep's worker tells
+        the parent, whose hard kill then waits that long).
     """
     t0 = time.perf_counter()
-    res = SweepResult(name, 'ok')
+    res = SweepResult(name, 'ok', time_limit=timeout)
     try:
-        with _time_limit(timeout):
-            _sweep_model(res, dict(ratios or DEFAULT_RATIOS), depth, min_img, seed, timm_kwargs)
+        with _Alarm(timeout) as alarm:
+            def limit(n_params):
+                res.time_limit = model_time_limit(timeout, n_params)
+                alarm.extend(res.time_limit)
+                if on_limit is not None and res.time_limit:
+                    on_limit(res.time_limit)
+            _sweep_model(res, dict(ratios or DEFAULT_RATIOS), depth, min_img, seed, timm_kwargs, limit)
     except SweepTimeout as e:
         res.status, res.detail = 'timeout', f'{e} (during {res.phase})'
     except SweepSkip as e:
@@ -271,11 +311,12 @@ def sweep_model(name: str, ratios: Optional[dict] = None, timeout: Optional[floa
 
 
 def _sweep_model(res: SweepResult, ratios: dict, depth: int, min_img: int, seed: int,
-                 extra: Optional[dict]) -> None:
+                 extra: Optional[dict], limit: Callable[[int], None]) -> None:
     import torch
 
     res.phase = 'build'
     model, res.build_kwargs, calib, y0 = _build(res.name, depth, min_img, seed, ratios, extra)
+    limit(_n_params(model))
 
     res.phase = 'prune'
     try:
@@ -332,13 +373,15 @@ def _worker(jobs, results, timeout, threads, depth, min_img):
         name = jobs.get()
         if name is None:
             return
-        results.put(sweep_model(name, timeout=timeout, depth=depth, min_img=min_img).to_dict())
+        r = sweep_model(name, timeout=timeout, depth=depth, min_img=min_img,
+                        on_limit=lambda s: results.put({'limit_s': s}))
+        results.put(r.to_dict())
 
 
 def run_sweep(names: Iterable[str], timeout: float = 60.0, threads: int = 1, isolate: bool = True,
               depth: int = DEPTH, min_img: int = MIN_IMG, log=None) -> List[SweepResult]:
-    """sweep_model over `names`; with isolate=True in a worker process that is killed past timeout + 30 s
-    and replaced after any timeout."""
+    """sweep_model over `names`; with isolate=True in a worker process that is killed 30 s past the model's
+    time limit (model_time_limit: the worker reports it once the model is built) and replaced after any timeout."""
     names = list(names)
     out: List[SweepResult] = []
 
@@ -382,7 +425,11 @@ def run_sweep(names: Iterable[str], timeout: float = 60.0, threads: int = 1, iso
             r = None
             while r is None:
                 try:
-                    r = SweepResult(**results.get(timeout=1.0))
+                    msg = results.get(timeout=1.0)
+                    if 'limit_s' in msg:  # the worker built the model: its scaled limit
+                        hard = msg['limit_s'] + 30
+                        continue
+                    r = SweepResult(**msg)
                 except _queue.Empty:
                     el = time.perf_counter() - t0
                     if not proc.is_alive():
@@ -421,7 +468,9 @@ def _num(x: Optional[int], unit: float, suffix: str) -> str:
 def _pair(a, b, unit, suffix) -> str:
     if a is None:
         return ''
-    return f'{_num(a, unit, suffix)} → {_num(b, unit, suffix)} ({b / a:.0%})' if b is not None else _num(a, unit, suffix)
+    if b is None:
+        return _num(a, unit, suffix)
+    return f'{_num(a, unit, suffix)} → {_num(b, unit, suffix)} ({b / a:.0%})'
 
 
 def _group_key(detail: str) -> str:
@@ -453,7 +502,9 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
          'the model\'s input size (default criteria, re-fit on); qk_norm and RoPE models refuse q/k pruning and are '
          're-tried with qk=0 (noted). Then a forward of the pruned model (same output shape as the original, '
          'finite), and `save_pruned` → `load_pruned` through a temporary directory, whose output must equal the '
-         f'pruned model\'s exactly (`torch.equal`). Time limit {timeout:g} s per model.', '',
+         f'pruned model\'s exactly (`torch.equal`). Time limit {timeout:g} s per model of up to '
+         f'{REF_PARAMS / 1e6:.0f}M parameters (as built), × (parameters / {REF_PARAMS / 1e6:.0f}M)^{TIME_EXPONENT:g} '
+         'above that: at this depth and token count the pruning work grows as width³, i.e. as parameters^1.5.', '',
          f'Supported family: {SUPPORTED}.', '',
          '## Summary', '',
          f'- **{ok} / {n} pruned and running ({share:.1%})**' + (' — meets' if share >= 0.9 else ' — below')
@@ -480,10 +531,11 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
     bad = [r for r in results if r.status in ('FAILED', 'timeout', 'skipped')]
     if bad:
         L += ['### Failures, timeouts and skips', '']
-        L += [f'- `{r.name}` ({r.status}, during {r.phase or "?"}): {r.detail}' + (f' — at `{r.where}`' if r.where else '')
-              for r in bad]
+        L += [f'- `{r.name}` ({r.status}, during {r.phase or "?"}): {r.detail}'
+              + (f' — at `{r.where}`' if r.where else '') for r in bad]
         L.append('')
-    L += ['## Per model', '', '`built with`: the timm kwargs the model was built with (a fallback to a larger set means '
+    L += ['## Per model', '',
+          '`built with`: the timm kwargs the model was built with (a fallback to a larger set means '
           'timm rejected the smaller one).', '',
           '| model | status | params before → after | MACs before → after | s | built with |',
           '|---|---|---|---|---:|---|']
@@ -506,7 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--model', action='append', default=None, help='an exact model name (repeatable)')
     ap.add_argument('--limit', type=int, default=None, help='only the first N names (sorted)')
     ap.add_argument('--out', default='COVERAGE.md', help='markdown report (default COVERAGE.md)')
-    ap.add_argument('--timeout', type=float, default=60.0, help='seconds per model (default 60)')
+    ap.add_argument('--timeout', type=float, default=60.0,
+                    help=f'seconds per model of up to {REF_PARAMS / 1e6:.0f}M parameters as built, '
+                    f'x (params / {REF_PARAMS / 1e6:.0f}M)^{TIME_EXPONENT:g} above (default 60)')
     ap.add_argument('--threads', type=int, default=1, help='torch threads (default 1)')
     ap.add_argument('--no-isolate', action='store_true', help='run in this process (no worker process)')
     a = ap.parse_args(argv)

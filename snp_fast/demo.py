@@ -37,10 +37,10 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     if args.train:
-        model, (x_tr, y_tr, x_te, y_te) = train_digits_vit(epochs=args.epochs)
+        model, (x_tr, _, x_te, y_te) = train_digits_vit(epochs=args.epochs)
         how = f'trained in {time.perf_counter() - t0:.1f}s'
     else:
-        model, (x_tr, y_tr, x_te, y_te) = load_digits_vit(), digits_data()
+        model, (x_tr, _, x_te, y_te) = load_digits_vit(), digits_data()
         how = 'shipped checkpoint'
     acc0 = accuracy(model, x_te, y_te)
     print(f'ViT on scikit-learn digits ({snp_fast.count_params(model) / 1e6:.2f}M params, {how}): '

@@ -21,7 +21,8 @@ def faces_data(n_test: int = 50, seed: int = 0) -> Tuple[torch.Tensor, torch.Ten
     x = torch.tensor(lfw_subset(), dtype=torch.float32).unsqueeze(1)
     y = (torch.arange(len(x)) < 100).long()
     g = torch.Generator().manual_seed(seed)
-    test = torch.cat([torch.randperm(100, generator=g)[:n_test // 2], 100 + torch.randperm(100, generator=g)[:n_test // 2]])
+    test = torch.cat([torch.randperm(100, generator=g)[:n_test // 2],
+                      100 + torch.randperm(100, generator=g)[:n_test // 2]])
     train = torch.tensor(sorted(set(range(len(x))) - set(test.tolist())))
     x = (x - x[train].mean()) / x[train].std()
     return x[train], y[train], x[test], y[test]
