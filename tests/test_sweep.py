@@ -93,6 +93,31 @@ def test_timeout(monkeypatch):
     assert (r.status, r.phase) == ('timeout', 'prune') and r.seconds < 30  # cut at ~2 s, not after the 60 s
 
 
+def test_time_limit_scales_with_the_built_size():
+    assert sweep.model_time_limit(60, 5_000_000) == 60 and sweep.model_time_limit(60, sweep.REF_PARAMS) == 60
+    assert sweep.model_time_limit(60, 4 * sweep.REF_PARAMS) == pytest.approx(240)
+    assert sweep.model_time_limit(60, 338_821_120) > 600  # vit_7b_patch16_dinov3 at depth 2: 154 s measured
+    assert sweep.model_time_limit(None, 10 ** 10) is None  # no limit stays no limit
+
+
+def test_larger_model_gets_a_longer_limit(monkeypatch):
+    """The limit that cuts a small model's prune at ~3 s is extended once the built model counts as large."""
+    import time
+
+    def slow_then_fail(*a, **k):
+        time.sleep(6)
+        raise RuntimeError('kaboom')
+    monkeypatch.setattr(snp_fast, 'prune', slow_then_fail)
+    sweep._build('deit_tiny_patch16_224', sweep.DEPTH, sweep.MIN_IMG, 0, dict(sweep.DEFAULT_RATIOS))  # warm imports
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=3.0)  # the build takes ~0.3 s: 10x margin on a busy box
+    assert (r.status, r.phase, r.time_limit) == ('timeout', 'prune', 3.0), (r.status, r.phase, r.detail)
+    monkeypatch.setattr(sweep, 'REF_PARAMS', 100_000)  # deit_tiny at depth 2 (~1.2M) now counts as 12x the reference
+    limits = []
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=3.0, on_limit=limits.append)
+    assert (r.status, r.detail) == ('FAILED', 'RuntimeError: kaboom'), (r.status, r.detail)  # ran the full 6 s
+    assert r.time_limit > 30 and limits == [r.time_limit]
+
+
 def test_timeout_inside_a_probe_is_not_swallowed(monkeypatch):
     """The alarm firing inside one of the sweep's `except Exception` probes (the meta-device builds) still ends
     the model as a timeout (it was swallowed, and the model then ran with no limit)."""
@@ -156,6 +181,53 @@ def test_worker_replaced_after_timeout(monkeypatch):
     rs = sweep.run_sweep(['a', 'b'], timeout=1.0)
     assert [(r.name, r.status) for r in rs] == [('a', 'timeout'), ('b', 'ok')]
     assert len(started) == 2 and started[0].killed
+
+
+def test_worker_hard_kill_waits_for_the_reported_limit(monkeypatch):
+    """The parent's hard kill (for a native op that ignores the alarm) counts from the limit the worker reports
+    for the built model, not from the base timeout."""
+    import queue
+    import threading
+    import time
+    monkeypatch.setattr(sweep, 'KILL_GRACE', 0.5)
+
+    class FakeProcess:
+        def __init__(self, target, args, daemon):
+            self.jobs, self.results, self.killed = args[0], args[1], False
+            self.thread = threading.Thread(target=self.run, daemon=True)
+
+        def run(self):
+            while True:
+                name = self.jobs.get()
+                if name is None:
+                    return
+                if name == 'big':
+                    self.results.put({'limit_s': 5.0})
+                time.sleep(2.5)  # past timeout + grace (1 s), within the reported limit
+                self.results.put(sweep.SweepResult(name, 'ok').to_dict())
+
+        def start(self):
+            self.thread.start()
+
+        def is_alive(self):
+            return self.thread.is_alive() and not self.killed
+
+        def kill(self):
+            self.killed = True
+
+        def join(self, timeout=None):
+            pass
+
+        exitcode = 0
+
+    class FakeContext:
+        Queue = queue.Queue
+        Process = FakeProcess
+
+    import multiprocessing
+    monkeypatch.setattr(multiprocessing, 'get_context', lambda method: FakeContext())
+    rs = sweep.run_sweep(['big', 'small'], timeout=0.5)
+    assert [(r.name, r.status) for r in rs] == [('big', 'ok'), ('small', 'timeout')], [(r.name, r.detail) for r in rs]
 
 
 def test_markdown_summary():
