@@ -265,9 +265,18 @@ def test_bad_output_or_model_name_is_refused_before_sweeping(tmp_path, capsys, w
 
 @pytest.mark.slow
 def test_full_sweep():
+    """Every model of the default patterns, each within its size-scaled time limit (sweep.model_time_limit).
+    SNP_FAST_SWEEP_REPORT=PATH also writes the markdown report there (e.g. COVERAGE.md), failing or not."""
+    import time
     names = sweep.list_sweep_models()
+    t0 = time.perf_counter()
     results = sweep.run_sweep(names, timeout=60, threads=max(1, min(4, os.cpu_count() or 1)),
                               log=lambda m: print(m, file=sys.stderr))
+    report = os.environ.get('SNP_FAST_SWEEP_REPORT')
+    if report:
+        with open(report, 'w') as f:
+            f.write(sweep.render_markdown(results, sweep.DEFAULT_PATTERNS, timeout=60,
+                                          elapsed=time.perf_counter() - t0))
     assert len(results) == len(names)
     failed = [(r.name, r.detail, r.where) for r in results if r.status in ('FAILED', 'timeout')]
     assert not failed
