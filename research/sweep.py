@@ -4,7 +4,7 @@
     python -m research.sweep --pattern 'deit*' --limit 5 --out /tmp/cov.md
 
 A research harness, run from the repository root; it is not installed with snp_fast and uses only its public API
-(snp_fast.prune, save_pruned, load_pruned, UnsupportedModelError) plus the supported-structure text.
+(snp_fast.prune, save_pruned, load_pruned, UnsupportedModelError) and the family registry's supported-structure texts.
 
 For each model name (timm.list_models, pretrained=False; no weights are downloaded):
 
@@ -152,8 +152,10 @@ class _Alarm:
 
 
 def _short(msg: str, limit: int = 300) -> str:
-    from snp_fast.models.vit import SUPPORTED
-    msg = str(msg).replace(f'; snp_fast prunes {SUPPORTED}', '').replace(f' ({SUPPORTED})', '')
+    from snp_fast.families import families, vit
+    everything = '; '.join(f.supported for f in families())  # family_of's refusal names every family
+    msg = str(msg).replace(f'; snp_fast prunes {everything}', '')
+    msg = msg.replace(f'; snp_fast prunes {vit.SUPPORTED}', '').replace(f' ({vit.SUPPORTED})', '')
     msg = ' '.join(msg.split())
     return msg if len(msg) <= limit else msg[:limit - 3] + '...'
 
@@ -484,7 +486,7 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
     import timm
     import torch
     from snp_fast import __version__
-    from snp_fast.models.vit import SUPPORTED
+    from snp_fast.families import families
     n = len(results)
     c = Counter(r.status for r in results)
     ok = c['ok']
@@ -506,7 +508,7 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
          f'pruned model\'s exactly (`torch.equal`). Time limit {timeout:g} s per model of up to '
          f'{REF_PARAMS / 1e6:.0f}M parameters (as built), × parameters / {REF_PARAMS / 1e6:.0f}M above that (the '
          'time grows about linearly with the parameters; research/sweep.py has the measurement).', '',
-         f'Supported family: {SUPPORTED}.', '',
+         'Supported families: ' + '; '.join(f.supported for f in families()) + '.', '',
          '## Summary', '',
          f'- **{ok} / {n} pruned and running ({share:.1%})**' + (' — meets' if share >= 0.9 else ' — below')
          + ' the issue\'s 90 % target',
