@@ -17,7 +17,7 @@ from .faces import FACES_VIT, faces_crop, faces_data, faces_vit, load_faces_vit,
 from .photos import sample_photos
 from .train import accuracy, train_classifier
 
-__all__ = ['DIGITS_VIT', 'digits_data', 'digits_vit', 'load_digits_vit', 'train_digits_vit', 'DIGITS_SWIN', 'digits_swin',
-           'load_digits_swin', 'train_digits_swin',
+__all__ = ['DIGITS_VIT', 'digits_data', 'digits_vit', 'load_digits_vit', 'train_digits_vit', 'DIGITS_SWIN',
+           'digits_swin', 'load_digits_swin', 'train_digits_swin',
            'FACES_VIT', 'faces_data', 'faces_vit', 'load_faces_vit', 'faces_crop', 'train_faces_vit',
            'sample_photos', 'accuracy', 'train_classifier']
