@@ -1,4 +1,4 @@
-"""The coverage sweep (snp_fast.sweep): a small subset of distinct structures in CI, the full sweep as slow.
+"""The coverage sweep (research/sweep.py): a small subset of distinct structures in CI, the full sweep as slow.
 
 Each model is built by timm with depth=2 and a small image size (structure, not size, is covered),
 pruned, run, saved and re-loaded; the subset pins which structures must prune and which must be refused.
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import snp_fast
-from snp_fast import sweep
+from research import sweep
 
 # name -> expected status; one model per distinct structure
 SUBSET = {
@@ -86,11 +86,38 @@ def test_timeout(monkeypatch):
         while time.time() - t < 60:
             pass
     monkeypatch.setattr(snp_fast, 'prune', slow)
-    # one untimed build first: the lazy imports a first build does (torch imports sympy) then lie behind us, and
-    # the alarm lands in the stubbed prune whatever ran before this test
-    sweep._build('deit_tiny_patch16_224', sweep.DEPTH, sweep.MIN_IMG, 0, dict(sweep.DEFAULT_RATIOS))
-    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=2.0)  # the build takes ~0.3 s, more on a busy machine
+    # built once, untimed, and handed back by the timed run: the alarm lands in the stubbed prune however busy the
+    # machine (a 2 s limit was overrun by the build itself at load 10 on 2 cores)
+    built = sweep._build('deit_tiny_patch16_224', sweep.DEPTH, sweep.MIN_IMG, 0, dict(sweep.DEFAULT_RATIOS))
+    monkeypatch.setattr(sweep, '_build', lambda *a, **k: built)
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=2.0)
     assert (r.status, r.phase) == ('timeout', 'prune') and r.seconds < 30  # cut at ~2 s, not after the 60 s
+
+
+def test_time_limit_scales_with_the_built_size():
+    assert sweep.model_time_limit(60, 5_000_000) == 60 and sweep.model_time_limit(60, sweep.REF_PARAMS) == 60
+    assert sweep.model_time_limit(60, 4 * sweep.REF_PARAMS) == pytest.approx(240)
+    assert sweep.model_time_limit(60, 338_821_120) > 600  # vit_7b_patch16_dinov3 at depth 2: 154 s measured
+    assert sweep.model_time_limit(None, 10 ** 10) is None  # no limit stays no limit
+
+
+def test_larger_model_gets_a_longer_limit(monkeypatch):
+    """The limit that cuts a small model's prune at ~3 s is extended once the built model counts as large."""
+    import time
+
+    def slow_then_fail(*a, **k):
+        time.sleep(6)
+        raise RuntimeError('kaboom')
+    monkeypatch.setattr(snp_fast, 'prune', slow_then_fail)
+    built = sweep._build('deit_tiny_patch16_224', sweep.DEPTH, sweep.MIN_IMG, 0, dict(sweep.DEFAULT_RATIOS))
+    monkeypatch.setattr(sweep, '_build', lambda *a, **k: built)  # untimed: the limit is spent in prune alone
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=3.0)
+    assert (r.status, r.phase, r.time_limit) == ('timeout', 'prune', 3.0), (r.status, r.phase, r.detail)
+    monkeypatch.setattr(sweep, 'REF_PARAMS', 100_000)  # deit_tiny at depth 2 (~1.2M) now counts as 12x the reference
+    limits = []
+    r = sweep.sweep_model('deit_tiny_patch16_224', timeout=3.0, on_limit=limits.append)
+    assert (r.status, r.detail) == ('FAILED', 'RuntimeError: kaboom'), (r.status, r.detail)  # ran the full 6 s
+    assert r.time_limit > 30 and limits == [r.time_limit]
 
 
 def test_timeout_inside_a_probe_is_not_swallowed(monkeypatch):
@@ -158,6 +185,53 @@ def test_worker_replaced_after_timeout(monkeypatch):
     assert len(started) == 2 and started[0].killed
 
 
+def test_worker_hard_kill_waits_for_the_reported_limit(monkeypatch):
+    """The parent's hard kill (for a native op that ignores the alarm) counts from the limit the worker reports
+    for the built model, not from the base timeout."""
+    import queue
+    import threading
+    import time
+    monkeypatch.setattr(sweep, 'KILL_GRACE', 0.5)
+
+    class FakeProcess:
+        def __init__(self, target, args, daemon):
+            self.jobs, self.results, self.killed = args[0], args[1], False
+            self.thread = threading.Thread(target=self.run, daemon=True)
+
+        def run(self):
+            while True:
+                name = self.jobs.get()
+                if name is None:
+                    return
+                if name == 'big':
+                    self.results.put({'limit_s': 5.0})
+                time.sleep(2.5)  # past timeout + grace (1 s), within the reported limit
+                self.results.put(sweep.SweepResult(name, 'ok').to_dict())
+
+        def start(self):
+            self.thread.start()
+
+        def is_alive(self):
+            return self.thread.is_alive() and not self.killed
+
+        def kill(self):
+            self.killed = True
+
+        def join(self, timeout=None):
+            pass
+
+        exitcode = 0
+
+    class FakeContext:
+        Queue = queue.Queue
+        Process = FakeProcess
+
+    import multiprocessing
+    monkeypatch.setattr(multiprocessing, 'get_context', lambda method: FakeContext())
+    rs = sweep.run_sweep(['big', 'small'], timeout=0.5)
+    assert [(r.name, r.status) for r in rs] == [('big', 'ok'), ('small', 'timeout')], [(r.name, r.detail) for r in rs]
+
+
 def test_markdown_summary():
     rs = [sweep.SweepResult('a', 'ok', params_before=10, params_after=7, macs_before=100, macs_after=60, seconds=1.),
           sweep.SweepResult('b', 'refused', 'blocks.0 is a EvaBlock; only timm Block is supported'),
@@ -193,9 +267,18 @@ def test_bad_output_or_model_name_is_refused_before_sweeping(tmp_path, capsys, w
 
 @pytest.mark.slow
 def test_full_sweep():
+    """Every model of the default patterns, each within its size-scaled time limit (sweep.model_time_limit).
+    SNP_FAST_SWEEP_REPORT=PATH also writes the markdown report there (e.g. COVERAGE.md), failing or not."""
+    import time
     names = sweep.list_sweep_models()
+    t0 = time.perf_counter()
     results = sweep.run_sweep(names, timeout=60, threads=max(1, min(4, os.cpu_count() or 1)),
                               log=lambda m: print(m, file=sys.stderr))
+    report = os.environ.get('SNP_FAST_SWEEP_REPORT')
+    if report:
+        with open(report, 'w') as f:
+            f.write(sweep.render_markdown(results, sweep.DEFAULT_PATTERNS, timeout=60,
+                                          elapsed=time.perf_counter() - t0))
     assert len(results) == len(names)
     failed = [(r.name, r.detail, r.where) for r in results if r.status in ('FAILED', 'timeout')]
     assert not failed

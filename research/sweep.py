@@ -1,7 +1,10 @@
 """Coverage sweep: which timm models snp_fast prunes, which it refuses (and why), which crash.
 
-    python -m snp_fast.sweep                                   # vit_*, deit*, efficientformer* -> COVERAGE.md
-    python -m snp_fast.sweep --pattern 'deit*' --limit 5 --out /tmp/cov.md
+    python -m research.sweep                                   # vit_*, deit*, efficientformer* -> COVERAGE.md
+    python -m research.sweep --pattern 'deit*' --limit 5 --out /tmp/cov.md
+
+A research harness, run from the repository root; it is not installed with snp_fast and uses only its public API
+(snp_fast.prune, save_pruned, load_pruned, UnsupportedModelError) and the family registry's supported-structure texts.
 
 For each model name (timm.list_models, pretrained=False; no weights are downloaded):
 
@@ -22,6 +25,15 @@ exception, or a check above that does not hold: the thing this sweep is for); ``
 (too large to materialise even at depth=2, e.g. a model whose per-block kwargs reject depth=2, and not
 refused by snp_fast.prune on its meta-device build).
 
+Time limit: `timeout` seconds (default 60) for a model of up to REF_PARAMS = 25M parameters as built, and
+``timeout * params / REF_PARAMS`` above that (model_time_limit): one limit for every model would either cut
+the largest ones or let a hung small one run for many minutes. Measured on the 2-core CPU box, 1 thread, load
+average ~5 (`sweep_model(name, timeout=None)`): vit_giant_patch14_dinov2 (57.6M parameters at depth=2) 36 s,
+vit_7b_patch16_dinov3 (339M) 154 s: the time grows about linearly with the parameters (x4.3 for x5.9), at
+about 0.5-0.65 s per million parameters under that load. The rule gives them 138 s and 813 s (3.8x and 5.3x
+the measured time), and 60 s to every model of up to 25M (>= 15 s measured at that rate: 4x). The build itself
+runs under the base limit; the scaled one counts from the same start and applies once the model's size is known.
+
 In the command each model runs in a worker process with a per-model time limit (signal.alarm inside
 the worker, and a hard kill from the parent if a long native op ignores the alarm); a worker that dies
 is replaced and its model recorded as FAILED, and one whose model timed out is replaced too (the alarm
@@ -38,9 +50,10 @@ import threading
 import time
 import traceback
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import snp_fast
 
 __all__ = ['DEFAULT_PATTERNS', 'DEFAULT_RATIOS', 'SweepResult', 'list_sweep_models', 'sweep_model', 'run_sweep',
            'render_markdown', 'main']
@@ -50,6 +63,8 @@ DEFAULT_RATIOS = {'qk': .25, 'v': .25, 'mlp': .25, 'embed': .125}
 DEPTH = 2
 MIN_IMG = 64
 CALIB_IMAGES = 2
+REF_PARAMS = 25_000_000        # models up to this size (as built) get the base time limit; larger: x n / REF
+KILL_GRACE = 30.0              # seconds past a model's limit before run_sweep kills a worker that ignored the alarm
 MAX_BUILD_PARAMS = 400_000_000  # never materialise a model larger than this (fp32: 1.6 GB)
 WIDTH_NOTE = 'no classifier head (num_classes=0), so embedding pruning changes the output feature width'
 REFUSAL_RE = re.compile(r'not supported|unsupported|cannot be pruned|not implemented', re.I)
@@ -72,6 +87,7 @@ class SweepResult:
     phase: str = ''                  # where it stopped: build | prune | forward | save | load | compare
     where: str = ''                  # innermost snp_fast frame of an unexpected exception (file:line)
     build_kwargs: Dict = field(default_factory=dict)
+    time_limit: Optional[float] = None  # seconds this model was allowed (model_time_limit of its built size)
     params_before: Optional[int] = None
     params_after: Optional[int] = None
     macs_before: Optional[int] = None
@@ -93,37 +109,60 @@ def list_sweep_models(patterns: Sequence[str] = DEFAULT_PATTERNS) -> List[str]:
 # ------------------------------------------------------------------------------------------------
 # one model
 
-@contextmanager
-def _time_limit(seconds: Optional[float]):
-    """signal.alarm guard (main thread only; elsewhere, or without SIGALRM, no limit is enforced)."""
-    usable = (seconds and seconds > 0 and hasattr(signal, 'SIGALRM')
-              and threading.current_thread() is threading.main_thread())
-    if not usable:
-        yield
-        return
+def model_time_limit(timeout: Optional[float], n_params: int) -> Optional[float]:
+    """Seconds a model of `n_params` parameters (as built) gets: `timeout` up to REF_PARAMS, then
+    timeout * n_params / REF_PARAMS (measured in the module docstring). None / 0 (no limit) stays so."""
+    if not timeout:
+        return timeout
+    return float(timeout) * max(1.0, n_params / REF_PARAMS)
 
-    def _raise(signum, frame):
-        raise SweepTimeout(f'over the {seconds:g} s limit')
 
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, float(seconds))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+class _Alarm:
+    """A wall-clock limit by signal.setitimer (main thread only; elsewhere, or without SIGALRM, no limit is enforced).
+
+    `extend(total)` raises the limit to `total` seconds counted from the start, once a model's size is known."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self.active = bool(seconds and seconds > 0 and hasattr(signal, 'SIGALRM')
+                           and threading.current_thread() is threading.main_thread())
+
+    def _raise(self, signum, frame):
+        raise SweepTimeout(f'over the {self.seconds:g} s limit')
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        if self.active:
+            self.old = signal.signal(signal.SIGALRM, self._raise)
+            signal.setitimer(signal.ITIMER_REAL, float(self.seconds))
+        return self
+
+    def extend(self, total: Optional[float]) -> None:
+        if not self.active or not total or total <= self.seconds:
+            return
+        self.seconds = float(total)
+        left = self.seconds - (time.perf_counter() - self.t0)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+        return False
 
 
 def _short(msg: str, limit: int = 300) -> str:
-    from .models.vit import SUPPORTED
-    msg = str(msg).replace(f'; snp_fast prunes {SUPPORTED}', '').replace(f' ({SUPPORTED})', '')
+    from snp_fast.families import families, vit
+    everything = '; '.join(f.supported for f in families())  # family_of's refusal names every family
+    msg = str(msg).replace(f'; snp_fast prunes {everything}', '')
+    msg = msg.replace(f'; snp_fast prunes {vit.SUPPORTED}', '').replace(f' ({vit.SUPPORTED})', '')
     msg = ' '.join(msg.split())
     return msg if len(msg) <= limit else msg[:limit - 3] + '...'
 
 
 def _snp_frame(exc: BaseException) -> str:
     """file:line of the innermost traceback frame inside the snp_fast package (else the innermost frame)."""
-    pkg = os.path.dirname(os.path.abspath(__file__))
+    pkg = os.path.dirname(os.path.abspath(snp_fast.__file__))
     frames = traceback.extract_tb(exc.__traceback__)
     ours = [f for f in frames if os.path.abspath(f.filename).startswith(pkg + os.sep)
             and os.path.abspath(f.filename) != os.path.abspath(__file__)]
@@ -194,7 +233,6 @@ def _candidates(name: str, depth: int, min_img: int, extra: Optional[dict] = Non
 
 def _refuse_on_meta(meta, ratios: dict) -> None:
     """Raise snp_fast's UnsupportedModelError for an unsupported structure, from the meta-device build (no data)."""
-    import snp_fast
     try:
         snp_fast.prune(meta, None, ratios)  # refuses an unsupported structure before touching data
     except snp_fast.UnsupportedModelError:
@@ -240,23 +278,31 @@ def _build(name: str, depth: int, min_img: int, seed: int, ratios: dict, extra: 
 
 
 def sweep_model(name: str, ratios: Optional[dict] = None, timeout: Optional[float] = 60.0, depth: int = DEPTH,
-                min_img: int = MIN_IMG, seed: int = 0, timm_kwargs: Optional[dict] = None) -> SweepResult:
+                min_img: int = MIN_IMG, seed: int = 0, timm_kwargs: Optional[dict] = None,
+                on_limit: Optional[Callable[[float], None]] = None) -> SweepResult:
     """Build, prune, run and save/load one timm model; never raises (except KeyboardInterrupt).
 
+    timeout: the base time limit in seconds, scaled by model_time_limit once the model is built (None: none).
     timm_kwargs: extra timm.create_model kwargs (e.g. {'qk_norm': True}) added to every build attempt.
+    on_limit: called with the scaled limit (seconds from the start) once it is known (run_sweep's worker tells
+        the parent, whose hard kill then waits that long).
     """
     t0 = time.perf_counter()
-    res = SweepResult(name, 'ok')
+    res = SweepResult(name, 'ok', time_limit=timeout)
     try:
-        with _time_limit(timeout):
-            _sweep_model(res, dict(ratios or DEFAULT_RATIOS), depth, min_img, seed, timm_kwargs)
+        with _Alarm(timeout) as alarm:
+            def limit(n_params):
+                res.time_limit = model_time_limit(timeout, n_params)
+                alarm.extend(res.time_limit)
+                if on_limit is not None and res.time_limit:
+                    on_limit(res.time_limit)
+            _sweep_model(res, dict(ratios or DEFAULT_RATIOS), depth, min_img, seed, timm_kwargs, limit)
     except SweepTimeout as e:
         res.status, res.detail = 'timeout', f'{e} (during {res.phase})'
     except SweepSkip as e:
         res.status, res.detail = 'skipped', _short(e, 400)
     except Exception as e:  # noqa: BLE001 -- classify everything: refusals are expected, the rest is the finding
-        from .models.vit import UnsupportedModelError
-        refusal = isinstance(e, UnsupportedModelError) or (
+        refusal = isinstance(e, snp_fast.UnsupportedModelError) or (
             isinstance(e, (ValueError, NotImplementedError)) and REFUSAL_RE.search(str(e)) and res.phase == 'prune')
         if refusal:
             res.status, res.detail = 'refused', _short(e)
@@ -268,12 +314,12 @@ def sweep_model(name: str, ratios: Optional[dict] = None, timeout: Optional[floa
 
 
 def _sweep_model(res: SweepResult, ratios: dict, depth: int, min_img: int, seed: int,
-                 extra: Optional[dict]) -> None:
+                 extra: Optional[dict], limit: Callable[[int], None]) -> None:
     import torch
-    import snp_fast
 
     res.phase = 'build'
     model, res.build_kwargs, calib, y0 = _build(res.name, depth, min_img, seed, ratios, extra)
+    limit(_n_params(model))
 
     res.phase = 'prune'
     try:
@@ -330,13 +376,15 @@ def _worker(jobs, results, timeout, threads, depth, min_img):
         name = jobs.get()
         if name is None:
             return
-        results.put(sweep_model(name, timeout=timeout, depth=depth, min_img=min_img).to_dict())
+        r = sweep_model(name, timeout=timeout, depth=depth, min_img=min_img,
+                        on_limit=lambda s: results.put({'limit_s': s}))
+        results.put(r.to_dict())
 
 
 def run_sweep(names: Iterable[str], timeout: float = 60.0, threads: int = 1, isolate: bool = True,
               depth: int = DEPTH, min_img: int = MIN_IMG, log=None) -> List[SweepResult]:
-    """sweep_model over `names`; with isolate=True in a worker process that is killed past timeout + 30 s
-    and replaced after any timeout."""
+    """sweep_model over `names`; with isolate=True in a worker process that is killed KILL_GRACE s past the model's
+    time limit (model_time_limit: the worker reports it once the model is built) and replaced after any timeout."""
     names = list(names)
     out: List[SweepResult] = []
 
@@ -376,11 +424,15 @@ def run_sweep(names: Iterable[str], timeout: float = 60.0, threads: int = 1, iso
                 start()
             jobs.put(n)
             t0 = time.perf_counter()
-            hard = (timeout + 30) if timeout else None
+            hard = (timeout + KILL_GRACE) if timeout else None
             r = None
             while r is None:
                 try:
-                    r = SweepResult(**results.get(timeout=1.0))
+                    msg = results.get(timeout=1.0)
+                    if 'limit_s' in msg:  # the worker built the model: its scaled limit
+                        hard = msg['limit_s'] + KILL_GRACE
+                        continue
+                    r = SweepResult(**msg)
                 except _queue.Empty:
                     el = time.perf_counter() - t0
                     if not proc.is_alive():
@@ -419,7 +471,9 @@ def _num(x: Optional[int], unit: float, suffix: str) -> str:
 def _pair(a, b, unit, suffix) -> str:
     if a is None:
         return ''
-    return f'{_num(a, unit, suffix)} → {_num(b, unit, suffix)} ({b / a:.0%})' if b is not None else _num(a, unit, suffix)
+    if b is None:
+        return _num(a, unit, suffix)
+    return f'{_num(a, unit, suffix)} → {_num(b, unit, suffix)} ({b / a:.0%})'
 
 
 def _group_key(detail: str) -> str:
@@ -431,14 +485,14 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
                     elapsed: Optional[float] = None) -> str:
     import timm
     import torch
-    from . import __version__
-    from .models.vit import SUPPORTED
+    from snp_fast import __version__
+    from snp_fast.families import families
     n = len(results)
     c = Counter(r.status for r in results)
     ok = c['ok']
     share = ok / n if n else 0.0
     L = ['# snp_fast coverage of timm models', '',
-         f'Generated by `python -m snp_fast.sweep` (snp_fast {__version__}, timm {timm.__version__}, '
+         f'Generated by `python -m research.sweep` (snp_fast {__version__}, timm {timm.__version__}, '
          f'torch {torch.__version__}, CPU). Models: '
          + ', '.join(f'`{p}`' for p in patterns) + f' (timm.list_models patterns / names), pretrained=False '
          f'({n} models).', '',
@@ -451,8 +505,10 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
          'the model\'s input size (default criteria, re-fit on); qk_norm and RoPE models refuse q/k pruning and are '
          're-tried with qk=0 (noted). Then a forward of the pruned model (same output shape as the original, '
          'finite), and `save_pruned` → `load_pruned` through a temporary directory, whose output must equal the '
-         f'pruned model\'s exactly (`torch.equal`). Time limit {timeout:g} s per model.', '',
-         f'Supported family: {SUPPORTED}.', '',
+         f'pruned model\'s exactly (`torch.equal`). Time limit {timeout:g} s per model of up to '
+         f'{REF_PARAMS / 1e6:.0f}M parameters (as built), × parameters / {REF_PARAMS / 1e6:.0f}M above that (the '
+         'time grows about linearly with the parameters; research/sweep.py has the measurement).', '',
+         'Supported families: ' + '; '.join(f.supported for f in families()) + '.', '',
          '## Summary', '',
          f'- **{ok} / {n} pruned and running ({share:.1%})**' + (' — meets' if share >= 0.9 else ' — below')
          + ' the issue\'s 90 % target',
@@ -478,10 +534,11 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
     bad = [r for r in results if r.status in ('FAILED', 'timeout', 'skipped')]
     if bad:
         L += ['### Failures, timeouts and skips', '']
-        L += [f'- `{r.name}` ({r.status}, during {r.phase or "?"}): {r.detail}' + (f' — at `{r.where}`' if r.where else '')
-              for r in bad]
+        L += [f'- `{r.name}` ({r.status}, during {r.phase or "?"}): {r.detail}'
+              + (f' — at `{r.where}`' if r.where else '') for r in bad]
         L.append('')
-    L += ['## Per model', '', '`built with`: the timm kwargs the model was built with (a fallback to a larger set means '
+    L += ['## Per model', '',
+          '`built with`: the timm kwargs the model was built with (a fallback to a larger set means '
           'timm rejected the smaller one).', '',
           '| model | status | params before → after | MACs before → after | s | built with |',
           '|---|---|---|---|---:|---|']
@@ -497,14 +554,16 @@ def render_markdown(results: Sequence[SweepResult], patterns: Sequence[str], rat
 # command line
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog='python -m snp_fast.sweep', description=__doc__.split('\n\n')[0],
+    ap = argparse.ArgumentParser(prog='python -m research.sweep', description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--pattern', action='append', default=None,
                     help=f'timm.list_models pattern (repeatable; default {" ".join(DEFAULT_PATTERNS)})')
     ap.add_argument('--model', action='append', default=None, help='an exact model name (repeatable)')
     ap.add_argument('--limit', type=int, default=None, help='only the first N names (sorted)')
     ap.add_argument('--out', default='COVERAGE.md', help='markdown report (default COVERAGE.md)')
-    ap.add_argument('--timeout', type=float, default=60.0, help='seconds per model (default 60)')
+    ap.add_argument('--timeout', type=float, default=60.0,
+                    help=f'seconds per model of up to {REF_PARAMS / 1e6:.0f}M parameters as built, '
+                    f'x params / {REF_PARAMS / 1e6:.0f}M above (default 60)')
     ap.add_argument('--threads', type=int, default=1, help='torch threads (default 1)')
     ap.add_argument('--no-isolate', action='store_true', help='run in this process (no worker process)')
     a = ap.parse_args(argv)
