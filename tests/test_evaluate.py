@@ -84,7 +84,8 @@ def test_eval_command_on_a_pruned_folder_and_a_timm_checkpoint(tmp_path):
     snp_fast.save_pruned(pruned, str(tmp_path / 'pruned'))
     flags = ['--mean', '0.3', '--std', '0.4', '--crop-pct', '1.0', '--interpolation', 'bilinear', '-j', '0',
              '--no-progress']
-    assert main(['eval', str(tmp_path / 'pruned'), '--data', str(data), '--json', str(tmp_path / 'p.json')] + flags) == 0
+    out = ['--json', str(tmp_path / 'p.json')]
+    assert main(['eval', str(tmp_path / 'pruned'), '--data', str(data)] + out + flags) == 0
     save_file(model.state_dict(), str(tmp_path / 'digits.safetensors'))
     kwargs = json.dumps({k: v for k, v in snp_fast.demo.DIGITS_VIT.items()})
     assert main(['eval', 'vit_tiny_patch16_224', '--model-kwargs', kwargs, '--checkpoint',

@@ -563,7 +563,7 @@ def test_more_calibration_images_than_fit_are_refused_at_once(tmp_path, monkeypa
 def test_first_non_finite_names_the_tensor():
     """The per-step check (min/max of every tensor) finds NaN, +Inf and -Inf in any float dtype, skips empty
     (zero-width) and integer tensors, and takes the largest finite values as finite."""
-    from snp_fast.finetune import _first_non_finite
+    from snp_fast.checkpoint import first_non_finite as _first_non_finite
     ok = {'a': torch.zeros(3), 'empty': torch.zeros(0, 4), 'n': torch.ones(2, dtype=torch.long),
           'big': torch.tensor([65504.0, -65504.0], dtype=torch.float16), 'b': torch.ones(5, dtype=torch.bfloat16)}
     assert _first_non_finite(ok.items()) is None

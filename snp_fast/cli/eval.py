@@ -19,7 +19,8 @@ def run(args) -> int:
     device = resolve_device(args.device)
     if os.path.isdir(args.target):
         if args.checkpoint or args.pretrained or args.model_kwargs:
-            raise UsageError('--checkpoint / --pretrained / --model-kwargs build a timm model; TARGET is a pruned folder')
+            raise UsageError('--checkpoint / --pretrained / --model-kwargs build a timm model; TARGET is a pruned '
+                             'folder')
         model = snp_fast.load_pruned(args.target, device=str(device))
         config = dict(model.snp_recipe.get('data_config') or data_config(model))
     else:

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = [
+__all__ = ['check_qk',
     'qk_scores_literal', 'qk_scores_dxd', 'redundancy_scores_full', 'gram_full', 'gather_slices_loop',
     'singular_value_rtol', 'cholesky_solve_linalg',
 ]
@@ -29,7 +29,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), torch.zeros_like(num))
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor, gamma: int) -> None:
+def check_qk(q: torch.Tensor, k: torch.Tensor, gamma: int) -> None:
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(f'q and k must both be (B, H, N, d) with equal shapes, got {tuple(q.shape)} and {tuple(k.shape)}')
     if gamma < 1:
@@ -53,7 +53,7 @@ def qk_scores_literal(q: torch.Tensor, k: torch.Tensor, gamma: int, compute_dtyp
     Returns:
         (H, d) float32 scores; high = important.
     """
-    _check_qk(q, k, gamma)
+    check_qk(q, k, gamma)
     q = q.to(compute_dtype)
     k = k.to(compute_dtype)
     s_mat = q @ k.transpose(-1, -2)                                   # (B, H, N, N)
@@ -75,7 +75,7 @@ def qk_scores_dxd(q: torch.Tensor, k: torch.Tensor, gamma: int) -> torch.Tensor:
     eigendecomposition of the Gram matrix QᵀQ = V Λ Vᵀ as R = Λ^½ Vᵀ. Gram matrices accumulate in
     fp32; the small decompositions run in fp64, where they cost little.
     """
-    _check_qk(q, k, gamma)
+    check_qk(q, k, gamma)
     q = q.float()
     k = k.float()
     gq = (q.transpose(-1, -2) @ q).double()                            # (B, H, d, d)

@@ -230,7 +230,7 @@ def qk_scores_triton(q: torch.Tensor, k: torch.Tensor, gamma: int, *, block_n: i
         block_n: tokens per step of the Gram loop (>= 16, a power of two).
         max_sweeps: Jacobi sweeps at most (tests lower it to show that an unconverged kernel is caught).
     """
-    reference._check_qk(q, k, gamma)  # shapes, gamma, NaN/Inf (one device-to-host flag, as every backend)
+    reference.check_qk(q, k, gamma)  # shapes, gamma, NaN/Inf (one device-to-host flag, as every backend)
     if q.shape[-1] > (MAX_D_GPU if q.is_cuda else MAX_D):
         return _fallback(q, k, gamma)
     if q.shape[-1] == 0:
