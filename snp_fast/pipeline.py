@@ -76,9 +76,10 @@ def prune(
             groups it answers for (the criteria the rest). See snp_fast/selection.py.
         criteria: every group's criterion at once (the per-group arguments below, when given, still decide
             theirs): "snp" (the default: the paper's criteria), "magnitude" (every *_criterion "magnitude"),
-            or "reconstruction" (FFN neurons and value filters by the least-squares error their consumer,
-            fc2 / attn.proj, keeps after the re-fit, greedy structured OBS with this `damp`:
-            snp_fast.criteria.Reconstruction; the SNP criteria elsewhere; not with selection=).
+            or "reconstruction" (FFN neurons, value filters and residual-stream channels by the least-squares
+            error their consumers (fc2; attn.proj; every qkv, fc1 and the head) keep after the re-fit, greedy
+            structured OBS with this `damp`: snp_fast.criteria.Reconstruction; the SNP criterion for q/k and
+            heads; not with selection=).
         qk_criterion: "snp" (attention-score preservation) or "magnitude" (default: from `criteria`).
         v_criterion, mlp_criterion: "redundancy" (the paper's), "magnitude" or "activation".
         embed_criterion: "redundancy" (TSS-averaged over the stream's producers), "magnitude" or
@@ -113,8 +114,9 @@ def prune(
         raise ValueError('selection=<a Selection> fixes the widths itself: give no ratios= or preset=')
     if not fixed and (ratios is None) == (preset is None):
         raise ValueError('give exactly one of ratios= or preset=')
-    qk_criterion, v_criterion, mlp_criterion, embed_criterion, selection = _apply_criteria(
-        criteria, selection, damp, qk_criterion, v_criterion, mlp_criterion, embed_criterion)
+    own = [k for k, c in (('v', v_criterion), ('mlp', mlp_criterion), ('embed', embed_criterion)) if c is None]
+    qk_criterion, v_criterion, mlp_criterion, embed_criterion = _apply_criteria(
+        criteria, selection, qk_criterion, v_criterion, mlp_criterion, embed_criterion)
     settings = PruneSettings(qk_criterion, v_criterion, mlp_criterion, embed_criterion, head_criterion, gamma, refit,
                              damp, refit_tokens, batch_size, backend, precision)
     device = next(model.parameters(), torch.empty(0)).device
@@ -128,6 +130,9 @@ def prune(
                          'without data')
     if calib is not None:
         calib = _check_calib(family, model, calib).to(device=device, dtype=next(model.parameters()).dtype)
+    if criteria == 'reconstruction':
+        from .criteria import Reconstruction
+        selection = Reconstruction(damp=damp, groups=own, calib=calib, batch=batch_size)  # (given criteria win)
 
     timer = Timer()
     ctx = PruneContext(model, calib, settings, family.model_dims(model), None, timer,
@@ -162,22 +167,18 @@ def prune(
 
 _CRITERIA_DEFAULTS = {  # (qk, v, mlp, embed) per prune(criteria=...)
     'snp': ('snp', 'redundancy', 'redundancy', 'redundancy'),
-    'reconstruction': ('snp', 'redundancy', 'redundancy', 'redundancy'),  # v / mlp: the Selector; these the fallback
+    'reconstruction': ('snp', 'redundancy', 'redundancy', 'redundancy'),  # v / mlp / embed: the Selector; these the fallback
     'magnitude': ('magnitude',) * 4,
 }
 
 
-def _apply_criteria(criteria: str, selection, damp: float, *given):
-    """The per-group criteria (given ones win) and the selection hook for prune(criteria=...)."""
+def _apply_criteria(criteria: str, selection, *given):
+    """The per-group criteria for prune(criteria=...) (given ones win)."""
     if criteria not in _CRITERIA_DEFAULTS:
         raise ValueError(f'criteria={criteria!r} is not known; choose one of {list(_CRITERIA_DEFAULTS)}')
-    chosen = tuple(g if g is not None else d for g, d in zip(given, _CRITERIA_DEFAULTS[criteria]))
-    if criteria == 'reconstruction':
-        if selection is not None:
-            raise ValueError('criteria="reconstruction" is itself a Selector: give no selection= with it')
-        from .criteria import Reconstruction
-        selection = Reconstruction(damp=damp)
-    return (*chosen, selection)
+    if criteria == 'reconstruction' and selection is not None:
+        raise ValueError('criteria="reconstruction" is itself a Selector: give no selection= with it')
+    return tuple(g if g is not None else d for g, d in zip(given, _CRITERIA_DEFAULTS[criteria]))
 
 
 def _check_calib(family: Family, model: nn.Module, calib) -> torch.Tensor:

@@ -29,7 +29,8 @@ import torch.nn as nn
 from ..refit import DEFAULT_DAMP
 from ..selection import Group, Selector
 
-__all__ = ['Reconstruction', 'consumer_gram', 'damped_gram', 'obs_error', 'greedy_removal', 'removal_scores']
+__all__ = ['Reconstruction', 'consumer_gram', 'damped_gram', 'obs_error', 'greedy_removal', 'joint_greedy_removal',
+           'removal_scores', 'stream_consumers']
 
 
 @torch.no_grad()
@@ -150,11 +151,79 @@ def greedy_removal(weight: torch.Tensor, gram: torch.Tensor, candidates: Sequenc
     return torch.tensor(order, dtype=torch.long), torch.tensor(costs, dtype=torch.float64)
 
 
+@torch.no_grad()
+def joint_greedy_removal(consumers: Sequence[tuple], n: int, n_remove: int, *, damp: float = DEFAULT_DAMP):
+    """Greedy structured OBS over inputs SHARED by several consumers (the residual stream's channels): each step
+    removes the column j in [0, n) of least Σ_c s_c ‖w_c,j‖² / (G_c,λ⁻¹)_jj, then compensates every consumer.
+
+    consumers: (weight (out_c, n[+1]), gram (n[+1], n[+1]), s_c) each; s_c weighs its error (e.g. 1 / its output
+    energy, so that every consumer counts alike). Returns the removal order (LongTensor) and each step's cost."""
+    state = []
+    for w, g, sc in consumers:
+        ginv = torch.cholesky_inverse(torch.linalg.cholesky(damped_gram(g, damp)))
+        state.append([w.detach().double().clone(), ginv, float(sc)])
+    alive = torch.ones(n, dtype=torch.bool)
+    order, costs = [], []
+    for _ in range(n_remove):
+        total = torch.zeros(n, dtype=torch.float64)
+        for w, ginv, sc in state:
+            total += sc * w.pow(2).sum(0)[:n] / ginv.diagonal()[:n].clamp_min(torch.finfo(torch.float64).tiny)
+        total[~alive] = float('inf')
+        j = int(total.argmin())
+        for st in state:
+            w, ginv, _ = st
+            gjj, row, wj = float(ginv[j, j]), ginv[j].clone(), w[:, j].clone()
+            w.addr_(wj, row, alpha=-1.0 / gjj)
+            ginv.addr_(row, row, alpha=-1.0 / gjj)
+        alive[j] = False
+        order.append(j)
+        costs.append(float(total[j]))
+    return torch.tensor(order, dtype=torch.long), torch.tensor(costs, dtype=torch.float64)
+
+
 def removal_scores(n: int, order: torch.Tensor) -> torch.Tensor:
     """(n,) scores, higher = keep, for a removal order: the t-th removed scores t, every kept member n."""
     s = torch.full((n,), float(n))
     s[order] = torch.arange(order.numel(), dtype=torch.float)
     return s
+
+
+def stream_consumers(model: nn.Module) -> Optional[List[nn.Linear]]:
+    """The Linears that read the residual stream of a plain timm ViT (every block's attn.qkv and mlp.fc1, the
+    classifier head), or None when the model is not of that shape."""
+    width = getattr(model, 'embed_dim', None)
+    out = []
+    for blk in getattr(model, 'blocks', []):
+        qkv, fc1 = getattr(getattr(blk, 'attn', None), 'qkv', None), getattr(getattr(blk, 'mlp', None), 'fc1', None)
+        if not (isinstance(qkv, nn.Linear) and isinstance(fc1, nn.Linear)):
+            return None
+        out += [qkv, fc1]
+    head = getattr(model, 'head', None)
+    if isinstance(head, nn.Linear):
+        out.append(head)
+    if not out or any(m.in_features != width for m in out):
+        return None
+    return out
+
+
+@torch.no_grad()
+def stream_grams(model: nn.Module, consumers: List[nn.Linear], calib: torch.Tensor, batch: int) -> List[torch.Tensor]:
+    """consumer_gram of every consumer's calibration inputs, accumulated by forward hooks over batches."""
+    grams = [None] * len(consumers)
+
+    def hook(i):
+        def f(_m, inp, _out):
+            g = consumer_gram(inp[0], True)
+            grams[i] = g if grams[i] is None else grams[i].add_(g)
+        return f
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(consumers)]
+    try:
+        for s in range(0, calib.shape[0], batch):
+            model(calib[s:s + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
 
 
 class Reconstruction(Selector):
@@ -165,14 +234,19 @@ class Reconstruction(Selector):
     Args:
         damp: the ridge of (1), relative to the mean diagonal of the Gram (default: the re-fit's).
         block: columns removed per greedy step (1: one at a time).
-        groups: which groups it answers for ('mlp', 'v').
+        groups: which groups it answers for ('mlp', 'v', 'embed').
+        calib, batch: calibration images (as given to prune) for the 'embed' group: the residual-stream channels
+            are then chosen jointly for all their consumers (every qkv, fc1 and the head; each consumer's error
+            relative to its output energy) from one run of the original model; without them, or for a model of
+            another shape, the built-in embed criterion.
     """
     captures = ('fc2_in', 'proj_in')
 
-    def __init__(self, damp: float = DEFAULT_DAMP, block: int = 1, groups: Sequence[str] = ('mlp', 'v')):
+    def __init__(self, damp: float = DEFAULT_DAMP, block: int = 1, groups: Sequence[str] = ('mlp', 'v', 'embed'),
+                 calib: Optional[torch.Tensor] = None, batch: int = 32):
         if block < 1:
             raise ValueError(f'block must be >= 1, got {block}')
-        self.damp, self.block, self.groups = damp, block, tuple(groups)
+        self.damp, self.block, self.groups, self.calib, self.batch = damp, block, tuple(groups), calib, batch
 
     def scores(self, group: Group) -> Optional[torch.Tensor]:
         if group.kind not in self.groups:
@@ -181,7 +255,28 @@ class Reconstruction(Selector):
             return self._mlp(group)
         if group.kind == 'v':
             return self._v(group)
+        if group.kind == 'embed':
+            return self._embed(group)
         return None
+
+    def _embed(self, group: Group) -> Optional[torch.Tensor]:
+        model = group.module
+        consumers = stream_consumers(model) if self.calib is not None and group.stage is None else None
+        if consumers is None or group.shape != (consumers[0].in_features,):
+            return None
+        n = group.shape[0]
+        grams = stream_grams(model, consumers, self.calib, self.batch)
+        items = []
+        for m, g in zip(consumers, grams):
+            w = m.weight.detach().double()
+            if m.bias is not None:
+                w = torch.cat([w, m.bias.detach().double().unsqueeze(1)], dim=1)
+            else:
+                g = g[:n, :n]
+            energy = float(torch.einsum('oi,ij,oj->', w, g, w))  # ‖[X 1] Wᵀ‖²: the consumer's output energy
+            items.append((w, g, 1.0 / max(energy, 1e-30)))
+        order, _ = joint_greedy_removal(items, n, n - group.keep, damp=self.damp)
+        return removal_scores(n, order).to(group.module.blocks[0].attn.qkv.weight.device)
 
     def _consumer(self, module: nn.Module, path: str, capture: str, group: Group):
         layer = module
