@@ -78,8 +78,8 @@ def prune(
             theirs): "snp" (the default: the paper's criteria), "magnitude" (every *_criterion "magnitude"),
             or "reconstruction" (FFN neurons, value filters and residual-stream channels by the least-squares
             error their consumers (fc2; attn.proj; every qkv, fc1 and the head) keep after the re-fit, greedy
-            structured OBS with this `damp`: snp_fast.criteria.Reconstruction; the SNP criterion for q/k and
-            heads; not with selection=).
+            structured OBS with this `damp`; q/k pairs by the attention-logit error they leave; heads by
+            `head_criterion`: snp_fast.criteria.Reconstruction; not with selection=; QUALITY.md compares).
         qk_criterion: "snp" (attention-score preservation) or "magnitude" (default: from `criteria`).
         v_criterion, mlp_criterion: "redundancy" (the paper's), "magnitude" or "activation".
         embed_criterion: "redundancy" (TSS-averaged over the stream's producers), "magnitude" or
@@ -114,7 +114,8 @@ def prune(
         raise ValueError('selection=<a Selection> fixes the widths itself: give no ratios= or preset=')
     if not fixed and (ratios is None) == (preset is None):
         raise ValueError('give exactly one of ratios= or preset=')
-    own = [k for k, c in (('v', v_criterion), ('mlp', mlp_criterion), ('embed', embed_criterion)) if c is None]
+    own = [k for k, c in (('v', v_criterion), ('mlp', mlp_criterion), ('embed', embed_criterion), ('qk', qk_criterion))
+           if c is None]
     qk_criterion, v_criterion, mlp_criterion, embed_criterion = _apply_criteria(
         criteria, selection, qk_criterion, v_criterion, mlp_criterion, embed_criterion)
     settings = PruneSettings(qk_criterion, v_criterion, mlp_criterion, embed_criterion, head_criterion, gamma, refit,
@@ -167,7 +168,7 @@ def prune(
 
 _CRITERIA_DEFAULTS = {  # (qk, v, mlp, embed) per prune(criteria=...)
     'snp': ('snp', 'redundancy', 'redundancy', 'redundancy'),
-    'reconstruction': ('snp', 'redundancy', 'redundancy', 'redundancy'),  # v / mlp / embed: the Selector; these the fallback
+    'reconstruction': ('snp', 'redundancy', 'redundancy', 'redundancy'),  # the Selector; these where it has no answer
     'magnitude': ('magnitude',) * 4,
 }
 

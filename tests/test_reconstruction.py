@@ -7,7 +7,16 @@ import torch
 
 import snp_fast
 from snp_fast.criteria import Reconstruction, consumer_gram, greedy_removal, obs_error
-from snp_fast.criteria.reconstruction import damped_gram
+from snp_fast.criteria.reconstruction import damped_gram, greedy_pairs, joint_greedy_removal, logit_gram
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the greedy loops are many small ops: on a shared, loaded CPU a second thread only adds contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _layer(out=5, n=7, tokens=40, seed=0, correlated=True):
@@ -97,29 +106,76 @@ def test_damped_gram_is_the_refit_ridge():
     assert torch.allclose(damped_gram(g, 1e-2) - g, lam * torch.eye(g.shape[0], dtype=g.dtype))
 
 
+def test_joint_greedy_costs_are_the_weighted_obs_errors_and_one_consumer_is_the_plain_greedy():
+    x, wb = _layer(out=4, n=8, seed=5)
+    x2, wb2 = _layer(out=6, n=8, seed=6)
+    g, g2 = consumer_gram(x), consumer_gram(x2)
+    order, costs = joint_greedy_removal([(wb, g, 1.0)], 8, 5, damp=1e-4)
+    assert order.tolist() == greedy_removal(wb, g, range(8), 5, damp=1e-4)[0].tolist()
+    order, costs = joint_greedy_removal([(wb, g, 0.3), (wb2, g2, 2.0)], 8, 5, damp=1e-4)
+    s = order.tolist()
+    want = 0.3 * obs_error(wb, g, s, 1e-4) + 2.0 * obs_error(wb2, g2, s, 1e-4)
+    assert float(costs.sum()) == pytest.approx(want, rel=1e-8)
+    first = min(range(8), key=lambda j: 0.3 * obs_error(wb, g, [j], 1e-4) + 2.0 * obs_error(wb2, g2, [j], 1e-4))
+    assert s[0] == first
+
+
+def _logit_loss(q, k, removed):
+    """Σ over images and heads of ‖Σ_{i∈S} q_i k_iᵀ‖²_F, directly from the N×N products."""
+    r = list(removed)
+    return float(sum((q[b, h][:, r] @ k[b, h][:, r].t()).pow(2).sum()
+                     for b in range(q.shape[0]) for h in range(q.shape[1])))
+
+
+def test_logit_gram_gives_the_logit_error_and_greedy_pairs_its_best_single_removal():
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 2, 5, 6, generator=g, dtype=torch.float64)
+    k = torch.randn(3, 2, 5, 6, generator=g, dtype=torch.float64) + q  # correlated: cross terms matter
+    m = logit_gram(q, k)
+    for removed in itertools.islice(itertools.combinations(range(6), 3), 10):
+        one = torch.zeros(6, dtype=torch.float64)
+        one[list(removed)] = 1
+        want = _logit_loss(q, k, removed)
+        assert float(torch.einsum('i,hij,j->', one, m, one)) == pytest.approx(want, rel=1e-10)
+    s = greedy_pairs(m, 2)
+    assert s.shape == (2, 6) and ((s < 2).sum(1) == 2).all() and (s[s >= 2] == 6).all()
+    for h in range(2):
+        first = int((s[h] == 0).nonzero())
+        best = min(range(6), key=lambda j: _logit_loss(q[:, h:h + 1], k[:, h:h + 1], [j]))
+        assert first == best
+        second = int((s[h] == 1).nonzero())
+        assert second == min((j for j in range(6) if j != first),
+                             key=lambda j: _logit_loss(q[:, h:h + 1], k[:, h:h + 1], [first, j]))
+
+
 def _digits():
     from snp_fast.demo import digits_data, load_digits_vit
     x_tr = digits_data()[0]
-    return load_digits_vit(), x_tr[:32]
+    return load_digits_vit(), x_tr[:16]
 
 
 def test_prune_with_reconstruction_criteria_on_the_digits_vit():
-    torch.set_num_threads(2)
     model, calib = _digits()
     ratios = {'qk': .5, 'v': .5, 'mlp': .5, 'embed': .25}
     rec, report = snp_fast.prune(model, calib, ratios, criteria='reconstruction')
     snp, snp_report = snp_fast.prune(model, calib, ratios)
     a, b = rec.snp_recipe['selection'], snp.snp_recipe['selection']
     assert report.settings['criteria'] == 'reconstruction' and 'criteria' not in snp_report.settings
-    assert a['embed'] == b['embed']
+    assert a['embed'] != b['embed']
     for ba, bb in zip(a['blocks'], b['blocks']):
-        assert ba['qk'] == bb['qk']                       # the SNP criterion
-        assert ba['mlp'] != bb['mlp'] and ba['v'] != bb['v']
+        assert ba['mlp'] != bb['mlp'] and ba['v'] != bb['v'] and ba['qk'] != bb['qk']
     # deterministic: the same selection again, and the Selector on its own gives it too
     again, _ = snp_fast.prune(model, calib, ratios, criteria='reconstruction')
     assert again.snp_recipe['selection'] == a
-    direct, _ = snp_fast.prune(model, calib, ratios, selection=Reconstruction())
+    direct, _ = snp_fast.prune(model, calib, ratios, selection=Reconstruction(calib=calib))
     assert direct.snp_recipe['selection'] == a
+    # without images the Selector leaves the stream to the built-in criterion; a given criterion wins
+    no_embed, _ = snp_fast.prune(model, calib, ratios, selection=Reconstruction())
+    assert no_embed.snp_recipe['selection']['embed'] == b['embed']
+    given, _ = snp_fast.prune(model, calib, ratios, criteria='reconstruction', qk_criterion='snp',
+                              mlp_criterion='redundancy')
+    for bg, ba, bb in zip(given.snp_recipe['selection']['blocks'], a['blocks'], b['blocks']):
+        assert bg['qk'] == bb['qk'] and bg['v'] == ba['v']  # (mlp: chosen on another stream, not comparable)
     x = calib[:8]
     with torch.no_grad():
         assert torch.equal(rec(x), again(x)) and torch.isfinite(rec(x)).all()

@@ -1,4 +1,4 @@
-"""Reconstruction-aware selection: keep the inputs of a layer whose removal the re-fit can compensate least.
+"""Reconstruction-aware selection: remove what the re-fit can compensate best (snp_fast.criteria.Reconstruction).
 
 The re-fit (snp_fast/refit.py) solves, for a consumer Linear with weight W (out, n) and calibration inputs X,
 the ridge least squares of the kept columns K towards the original outputs. With the Gram matrix
@@ -14,12 +14,20 @@ one column at a time — the one of least OBS cost ‖w_j‖² / (G_λ⁻¹)_jj 
 then applies the optimal compensation to W and the rank-1 downdate of G_λ⁻¹ (for block > 1: the `block`
 cheapest at once, with the block update). The costs of the steps sum to E(S) of the removed set exactly.
 
-Consumers (what `Reconstruction` scores, through the prune(selection=...) hook):
+What `Reconstruction` scores (through the prune(selection=...) hook; prune(criteria="reconstruction")):
   * FFN neurons: fc2's input columns; X = the calibration FFN hidden activations (capture 'fc2_in');
   * value filters: attn.proj's input columns; X = the attention context (capture 'proj_in'), all heads
     jointly (proj mixes heads, so its re-fit compensates across them) with the same number removed per head;
     the columns of heads removed whole go first (forced), before the greedy choice inside the kept heads.
-Q/K pairs and residual-stream channels keep the built-in criteria (scores None).
+  * residual-stream channels (with calibration images): every block's qkv and fc1 and the classifier head read
+    the stream; one greedy over the channels minimises the sum of their errors (1), each relative to its output
+    energy, all consumers compensated at every step (joint_greedy_removal);
+  * q/k pairs: their consumer is the bilinear attention logit QKᵀ, which the re-fit (q and k each fitted to its
+    original values) does not compensate; the error after the re-fit is the removed pairs' share
+    ‖Σ_{i∈S} q_i k_iᵀ‖²_F over the calibration images = 1_Sᵀ M 1_S, M = Σ_images (QᵀQ) ∘ (KᵀK) (logit_gram), and
+    each head removes greedily the pair that adds least (greedy_pairs).
+Heads keep the built-in criterion (scores None), as do groups of a shape this module does not know (grouped-query
+attention, separate q/k/v projections, staged models).
 """
 from typing import List, Optional, Sequence
 
@@ -30,16 +38,23 @@ from ..refit import DEFAULT_DAMP
 from ..selection import Group, Selector
 
 __all__ = ['Reconstruction', 'consumer_gram', 'damped_gram', 'obs_error', 'greedy_removal', 'joint_greedy_removal',
-           'removal_scores', 'stream_consumers']
+           'removal_scores', 'stream_consumers', 'logit_gram', 'greedy_pairs']
 
 
 @torch.no_grad()
 def consumer_gram(x: torch.Tensor, bias: bool = True) -> torch.Tensor:
-    """(n[+1], n[+1]) float64 Gram of the consumer's inputs x (..., n), bordered by a ones column (the bias)."""
-    x = x.reshape(-1, x.shape[-1]).double()
+    """(n[+1], n[+1]) float64 Gram of the consumer's inputs x (..., n), bordered by a ones column (the bias).
+    The product in x's precision when it is fp32 or wider (fp32: as the re-fit's Gram; the fp64 product would
+    cost more than the whole selection), the column sums and the result in fp64."""
+    x = x.reshape(-1, x.shape[-1])
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    n = x.shape[1]
+    g = x.new_empty((n + bias, n + bias), dtype=torch.float64)
+    g[:n, :n] = x.t() @ x
     if bias:
-        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-    return x.t() @ x
+        g[n, :n] = g[:n, n] = x.double().sum(0)
+        g[n, n] = x.shape[0]
+    return g
 
 
 def damped_gram(gram: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
@@ -158,27 +173,59 @@ def joint_greedy_removal(consumers: Sequence[tuple], n: int, n_remove: int, *, d
 
     consumers: (weight (out_c, n[+1]), gram (n[+1], n[+1]), s_c) each; s_c weighs its error (e.g. 1 / its output
     energy, so that every consumer counts alike). Returns the removal order (LongTensor) and each step's cost."""
-    state = []
-    for w, g, sc in consumers:
-        ginv = torch.cholesky_inverse(torch.linalg.cholesky(damped_gram(g, damp)))
-        state.append([w.detach().double().clone(), ginv, float(sc)])
+    # every consumer in one batch: weights zero-padded to the widest (out, n + 1), the bias column (if none: a
+    # zero column with a unit Gram entry, which is never removed and couples to nothing)
+    c, out = len(consumers), max(w.shape[0] for w, _, _ in consumers)
+    w = torch.zeros(c, out, n + 1, dtype=torch.float64)
+    ginv = torch.zeros(c, n + 1, n + 1, dtype=torch.float64)
+    for i, (wi, g, _) in enumerate(consumers):
+        m = wi.shape[1]
+        w[i, :wi.shape[0], :m] = wi.detach().double()
+        gi = torch.eye(n + 1, dtype=torch.float64)
+        gi[:m, :m] = damped_gram(g, damp)
+        ginv[i] = torch.cholesky_inverse(torch.linalg.cholesky(gi))
+    sc = torch.tensor([float(s) for _, _, s in consumers], dtype=torch.float64)
     alive = torch.ones(n, dtype=torch.bool)
     order, costs = [], []
+    tiny = torch.finfo(torch.float64).tiny
     for _ in range(n_remove):
-        total = torch.zeros(n, dtype=torch.float64)
-        for w, ginv, sc in state:
-            total += sc * w.pow(2).sum(0)[:n] / ginv.diagonal()[:n].clamp_min(torch.finfo(torch.float64).tiny)
+        per = w[:, :, :n].pow(2).sum(1) / ginv.diagonal(dim1=1, dim2=2)[:, :n].clamp_min(tiny)   # (c, n)
+        total = (sc.unsqueeze(1) * per).sum(0)
         total[~alive] = float('inf')
         j = int(total.argmin())
-        for st in state:
-            w, ginv, _ = st
-            gjj, row, wj = float(ginv[j, j]), ginv[j].clone(), w[:, j].clone()
-            w.addr_(wj, row, alpha=-1.0 / gjj)
-            ginv.addr_(row, row, alpha=-1.0 / gjj)
+        gjj = ginv[:, j, j].clamp_min(tiny)                                                        # (c,)
+        row = ginv[:, j, :] / gjj.unsqueeze(1)                                                     # (c, n+1)
+        w -= w[:, :, j:j + 1] * row.unsqueeze(1)
+        ginv -= ginv[:, :, j:j + 1] * row.unsqueeze(1)
         alive[j] = False
         order.append(j)
         costs.append(float(total[j]))
     return torch.tensor(order, dtype=torch.long), torch.tensor(costs, dtype=torch.float64)
+
+
+@torch.no_grad()
+def logit_gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(H, d, d) M = Σ_images (QᵀQ) ∘ (KᵀK) per head, for q, k (B, H, N, d): the attention logits lose
+    ‖Σ_{i∈S} q_i k_iᵀ‖²_F = 1_Sᵀ M 1_S (summed over images) when the q/k pairs S are removed."""
+    q, k = q.double(), k.double()
+    return (q.transpose(-1, -2) @ q * (k.transpose(-1, -2) @ k)).sum(0)
+
+
+@torch.no_grad()
+def greedy_pairs(m: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """(H, d) removal order (0, 1, ... per head; kept pairs d) of the q/k pairs: each head greedily removes the pair
+    whose removal adds least to the logit error 1_Sᵀ M 1_S (M from logit_gram)."""
+    H, d, _ = m.shape
+    scores = torch.full((H, d), float(d))
+    acc = m.diagonal(dim1=1, dim2=2).clone()                 # the cost of adding j: M_jj + 2 Σ_{i∈S} M_ij
+    alive = torch.ones(H, d, dtype=torch.bool)
+    heads = torch.arange(H)
+    for t in range(n_remove):
+        j = acc.masked_fill(~alive, float('inf')).argmin(1)  # (H,)
+        scores[heads, j] = float(t)
+        alive[heads, j] = False
+        acc += 2 * m[heads, j]
+    return scores
 
 
 def removal_scores(n: int, order: torch.Tensor) -> torch.Tensor:
@@ -227,14 +274,15 @@ def stream_grams(model: nn.Module, consumers: List[nn.Linear], calib: torch.Tens
 
 
 class Reconstruction(Selector):
-    """FFN neurons and value filters chosen by the consumer's least-squares error after the re-fit (greedy
-    structured OBS, see the module docstring); Q/K pairs, heads and the residual stream: the built-in
-    criteria. `prune(..., criteria='reconstruction')` uses it with prune's own damp.
+    """FFN neurons, value filters, residual-stream channels and q/k pairs chosen by their consumers' error after
+    the re-fit (see the module docstring); heads: the built-in criterion. `prune(..., criteria='reconstruction')`
+    uses it with prune's own damp and calibration images.
 
     Args:
         damp: the ridge of (1), relative to the mean diagonal of the Gram (default: the re-fit's).
         block: columns removed per greedy step (1: one at a time).
-        groups: which groups it answers for ('mlp', 'v', 'embed').
+        groups: which groups it answers for ('mlp', 'v', 'embed', 'qk'); q/k pairs by the logit error
+            (logit_gram: the re-fit of q and k, each to its original values, does not compensate it).
         calib, batch: calibration images (as given to prune) for the 'embed' group: the residual-stream channels
             are then chosen jointly for all their consumers (every qkv, fc1 and the head; each consumer's error
             relative to its output energy) from one run of the original model; without them, or for a model of
@@ -242,7 +290,7 @@ class Reconstruction(Selector):
     """
     captures = ('fc2_in', 'proj_in')
 
-    def __init__(self, damp: float = DEFAULT_DAMP, block: int = 1, groups: Sequence[str] = ('mlp', 'v', 'embed'),
+    def __init__(self, damp: float = DEFAULT_DAMP, block: int = 1, groups: Sequence[str] = ('mlp', 'v', 'embed', 'qk'),
                  calib: Optional[torch.Tensor] = None, batch: int = 32):
         if block < 1:
             raise ValueError(f'block must be >= 1, got {block}')
@@ -257,7 +305,27 @@ class Reconstruction(Selector):
             return self._v(group)
         if group.kind == 'embed':
             return self._embed(group)
+        if group.kind == 'qk':
+            return self._qk(group)
         return None
+
+    def _qk(self, group: Group) -> Optional[torch.Tensor]:
+        attn = getattr(group.module, 'attn', None)
+        qkv = group.captured.get('qkv')
+        H, d = getattr(attn, 'num_heads', 0), getattr(attn, 'head_dim', 0)
+        if qkv is None or not H or qkv.shape[-1] != 3 * H * d:  # (grouped-query or separate q/k/v: not handled)
+            return None
+        heads = group.heads if group.heads is not None else torch.arange(H)
+        if group.shape != (heads.numel(), d):
+            return None
+        B, N, _ = qkv.shape
+        m = 0
+        for s in range(0, B, self.batch):
+            x = qkv[s:s + self.batch].reshape(-1, N, 3, H, d).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(x[0]), attn.k_norm(x[1])
+            idx = heads.to(q.device)
+            m = m + logit_gram(q[:, idx], k[:, idx])
+        return greedy_pairs(m, d - group.keep).to(qkv.device)
 
     def _embed(self, group: Group) -> Optional[torch.Tensor]:
         model = group.module
