@@ -127,8 +127,9 @@ def _logit_loss(q, k, removed):
                      for b in range(q.shape[0]) for h in range(q.shape[1])))
 
 
-def test_logit_gram_gives_the_logit_error_and_greedy_pairs_its_best_single_removal():
-    g = torch.Generator().manual_seed(7)
+@pytest.mark.parametrize('seed', [7, 8, 9])
+def test_logit_gram_gives_the_logit_error_and_greedy_pairs_the_brute_force_greedy(seed):
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(3, 2, 5, 6, generator=g, dtype=torch.float64)
     k = torch.randn(3, 2, 5, 6, generator=g, dtype=torch.float64) + q  # correlated: cross terms matter
     m = logit_gram(q, k)
@@ -137,15 +138,15 @@ def test_logit_gram_gives_the_logit_error_and_greedy_pairs_its_best_single_remov
         one[list(removed)] = 1
         want = _logit_loss(q, k, removed)
         assert float(torch.einsum('i,hij,j->', one, m, one)) == pytest.approx(want, rel=1e-10)
-    s = greedy_pairs(m, 2)
-    assert s.shape == (2, 6) and ((s < 2).sum(1) == 2).all() and (s[s >= 2] == 6).all()
-    for h in range(2):
-        first = int((s[h] == 0).nonzero())
-        best = min(range(6), key=lambda j: _logit_loss(q[:, h:h + 1], k[:, h:h + 1], [j]))
-        assert first == best
-        second = int((s[h] == 1).nonzero())
-        assert second == min((j for j in range(6) if j != first),
-                             key=lambda j: _logit_loss(q[:, h:h + 1], k[:, h:h + 1], [first, j]))
+    s = greedy_pairs(m, 4)
+    assert s.shape == (2, 6) and ((s < 4).sum(1) == 4).all() and (s[s >= 4] == 6).all()
+    for h in range(2):  # each step: the pair whose removal, with those before, leaves the least logit error
+        removed = []
+        for t in range(4):
+            best = min((j for j in range(6) if j not in removed),
+                       key=lambda j: _logit_loss(q[:, h:h + 1], k[:, h:h + 1], removed + [j]))
+            assert int((s[h] == t).nonzero()) == best
+            removed.append(best)
 
 
 def _digits():
