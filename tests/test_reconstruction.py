@@ -218,3 +218,21 @@ def test_the_criteria_switch():
         snp_fast.prune(model, calib, 0.3, criteria='reconstruction', selection=Reconstruction())
     with pytest.raises(ValueError, match='calibration images'):
         snp_fast.prune(model, None, 0.3, criteria='reconstruction', refit=False, qk_criterion='magnitude')
+
+
+def test_reconstruction_with_head_pruning_branch_dropping_and_another_family():
+    model, calib = _digits()
+    ratios = {'heads': .25, 'qk': .5, 'v': .5, 'mlp': .5, 'embed': .25, 'drop_mlp': [1]}
+    pruned, _ = snp_fast.prune(model, calib, ratios, criteria='reconstruction')
+    base, _ = snp_fast.prune(model, calib, ratios)
+    a, b = pruned.snp_recipe['selection']['blocks'], base.snp_recipe['selection']['blocks']
+    assert [x['heads'] for x in a] == [x['heads'] for x in b]  # heads: the built-in criterion
+    assert a[1]['mlp'] == [] and any(x['v'] != y['v'] for x, y in zip(a, b))
+    with torch.no_grad():
+        assert torch.isfinite(pruned(calib)).all()
+    from test_efficientformer import tiny_efficientformer  # groups of shapes it does not know: the built-in criteria
+    ef = tiny_efficientformer()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    got, _ = snp_fast.prune(ef, x, {'qk': .5, 'mlp': .5}, criteria='reconstruction', refit=False)
+    with torch.no_grad():
+        assert torch.isfinite(got(x)).all()
