@@ -761,7 +761,9 @@ command. Baselines get exactly the per-block dims of the SNP model, hence the sa
 (tests/test_quality.py checks this). Random and L1 selections are sliced and re-fit through prune()'s
 own mechanics (`snp_fast.prune(..., selection=...)`); L2 magnitude here equals
 `prune(..., qk_criterion='magnitude', v_criterion='magnitude', mlp_criterion='magnitude',
-embed_criterion='magnitude')`. "+ re-fit" = the sequential least-squares re-fit (damp 1e-4, all
+embed_criterion='magnitude')`. "reconstruction (criteria=) + re-fit" = `prune(..., criteria='reconstruction')`
+(snp_fast/criteria: selection by the error left after the re-fit; its variants and 3 calibration draws:
+research/reconstruction_table.md). "+ re-fit" = the sequential least-squares re-fit (damp 1e-4, all
 calibration tokens unless swept). Metrics: see the module docstring of research/quality.py.
 "After a short KD recovery" = each pruned model distilled from the unpruned one with snp_fast.finetune
 (settings in that section; `--kd-epochs 0` leaves it out).
