@@ -127,8 +127,8 @@ def prune(
     family.check_settings(settings)
     if calib is None and (settings.refit or criteria == 'reconstruction' or not fixed and settings.needs_data()):
         raise ValueError('calibration images are needed (calib=...) for the re-fit, the "snp" Q/K criterion, head '
-                         'pruning, "activation" criteria and criteria="reconstruction"; pass refit=False and weight-only criteria to prune '
-                         'without data')
+                         'pruning, "activation" criteria and criteria="reconstruction"; pass refit=False and '
+                         'weight-only criteria to prune without data')
     if calib is not None:
         calib = _check_calib(family, model, calib).to(device=device, dtype=next(model.parameters()).dtype)
     if criteria == 'reconstruction':
@@ -168,7 +168,8 @@ def prune(
 
 _CRITERIA_DEFAULTS = {  # (qk, v, mlp, embed) per prune(criteria=...)
     'snp': ('snp', 'redundancy', 'redundancy', 'redundancy'),
-    'reconstruction': ('snp', 'redundancy', 'redundancy', 'redundancy'),  # the Selector; these where it has no answer
+    # the Selector decides; these where it has no answer (a group shape it does not know)
+    'reconstruction': ('snp', 'redundancy', 'redundancy', 'redundancy'),
     'magnitude': ('magnitude',) * 4,
 }
 

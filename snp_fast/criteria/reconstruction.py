@@ -8,20 +8,20 @@ Brain Surgeon for a set of columns; ZipLM, SlimGPT)
 
     E(S) = min_{W' : W'_S = 0} ‖X (W' − W)ᵀ‖² + λ ‖W' − W‖²  =  tr(W_S [(G_λ⁻¹)_SS]⁻¹ W_Sᵀ)          (1)
 
-(`obs_error`; with λ → 0 it is the re-fit's calibration error increase, the λ‖W_S‖² it adds is the ridge's
-own price of zeroing W_S). Finding the best S of a given size is combinatorial; `greedy_removal` removes
-one column at a time — the one of least OBS cost ‖w_j‖² / (G_λ⁻¹)_jj under the CURRENT compensated weights —
-then applies the optimal compensation to W and the rank-1 downdate of G_λ⁻¹ (for block > 1: the `block`
-cheapest at once, with the block update). The costs of the steps sum to E(S) of the removed set exactly.
+(`obs_error`; with λ → 0 it is the re-fit's calibration error increase, the λ‖W_S‖² it adds is the
+ridge's own price of zeroing W_S). Finding the best S of a given size is combinatorial; `greedy_removal`
+removes one column at a time — the one of least OBS cost ‖w_j‖² / (G_λ⁻¹)_jj under the CURRENT compensated
+weights — then applies the optimal compensation to W and the rank-1 downdate of G_λ⁻¹ (for block > 1: the
+`block` cheapest at once, with the block update). The costs of the steps sum to E(S) of the removed set.
 
 What `Reconstruction` scores (through the prune(selection=...) hook; prune(criteria="reconstruction")):
   * FFN neurons: fc2's input columns; X = the calibration FFN hidden activations (capture 'fc2_in');
   * value filters: attn.proj's input columns; X = the attention context (capture 'proj_in'), all heads
     jointly (proj mixes heads, so its re-fit compensates across them) with the same number removed per head;
     the columns of heads removed whole go first (forced), before the greedy choice inside the kept heads.
-  * residual-stream channels (with calibration images): every block's qkv and fc1 and the classifier head read
-    the stream; one greedy over the channels minimises the sum of their errors (1), each relative to its output
-    energy, all consumers compensated at every step (joint_greedy_removal);
+  * residual-stream channels (with calibration images): every block's qkv and fc1 and the classifier head
+    read the stream; one greedy over the channels minimises the sum of their errors (1), each relative to its
+    output energy, all consumers compensated at every step (joint_greedy_removal);
   * q/k pairs: their consumer is the bilinear attention logit QKᵀ, which the re-fit (q and k each fitted to its
     original values) does not compensate; the error after the re-fit is the removed pairs' share
     ‖Σ_{i∈S} q_i k_iᵀ‖²_F over the calibration images = 1_Sᵀ M 1_S, M = Σ_images (QᵀQ) ∘ (KᵀK) (logit_gram), and
@@ -99,7 +99,6 @@ def greedy_removal(weight: torch.Tensor, gram: torch.Tensor, candidates: Sequenc
     """
     ginv = torch.cholesky_inverse(torch.linalg.cholesky(damped_gram(gram, damp)))
     w = weight.detach().double().clone()
-    n = w.shape[1]
 
     def remove(cols: torch.Tensor) -> float:
         nonlocal w, ginv
