@@ -30,6 +30,7 @@ from snp_fast import prune
 from snp_fast.families import vit
 from snp_fast.families.vit import BlockSelection, ModelDims, Selection, resolve_ratios, roles, target_dims
 from snp_fast.macs import count_macs, meta_copy
+from snp_fast.refit import DEFAULT_DAMP
 from snp_fast.scores import select_per_head, select_top, tss_average
 
 # the module, not the function snp_fast.prune that the package re-exports under the same name
