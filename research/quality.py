@@ -30,6 +30,7 @@ from snp_fast import prune
 from snp_fast.families import vit
 from snp_fast.families.vit import BlockSelection, ModelDims, Selection, resolve_ratios, roles, target_dims
 from snp_fast.macs import count_macs, meta_copy
+from snp_fast.refit import DEFAULT_DAMP
 from snp_fast.scores import select_per_head, select_top, tss_average
 
 # the module, not the function snp_fast.prune that the package re-exports under the same name
@@ -286,7 +287,12 @@ def methods(quick: bool, seeds: Sequence[int]) -> List[Method]:
         out.append(Method(f'Q/K magnitude, V/FFN activation{tag}',
                           _snp(refit, qk_criterion='magnitude', v_criterion='activation', mlp_criterion='activation'),
                           'mixed'))
+    # prune(criteria="reconstruction"): chosen for the re-fit (snp_fast/criteria), so only with it
+    out.append(Method(f'{RECONSTRUCTION} + re-fit', _snp(True, criteria='reconstruction'), 'reconstruction'))
     return out
+
+
+RECONSTRUCTION = 'reconstruction (criteria=)'
 
 
 CALIB_POOL = 256  # training images the calibration sets are drawn from (the sweep over calibration sizes tops out here)
@@ -312,7 +318,7 @@ def run_comparison(model, calib_pool, x_te, y_te, *, quick: bool, n_calib: int =
     settings['qk50'] = ('50 % of q/k removed only (v, fc1, embedding kept): isolates the Q/K criterion',
                         dict(qk=0.5, v=0.0, mlp=0.0, embed=0.0))
     settings['qkv50'] = ('50 % of q/k, v, fc1 removed (embedding kept)', dict(qk=0.5, v=0.5, mlp=0.5, embed=0.0))
-    targets = (0.5,) if quick else (0.7, 0.5, 0.35)
+    targets = (0.5,) if quick else (0.7, 0.5, 0.35, 0.15, 0.08)
     for t in targets:
         r, frac = uniform_ratio_for_macs(model, t)
         settings[f'macs{t}'] = (f'MACs ≈ {frac:.3f} (uniform ratio {r})', r)
@@ -508,7 +514,7 @@ def check_targets(c: dict) -> List[str]:
     out = []
     res = results['qkv50']
     snp = res['SNP (default) + re-fit']
-    base = {n: q for n, q in res.items() if not n.startswith('SNP') and not n.startswith('Q/K')}
+    base = {n: q for n, q in res.items() if not n.startswith(('SNP', 'Q/K', RECONSTRUCTION))}
     base_nr = {n: q for n, q in base.items() if 're-fit' not in n}
     gap = 100 * (ref.top1 - snp.top1)
     out.append(f'50 % of q/k, v, fc1: SNP + re-fit {100 * snp.top1:.1f} % vs unpruned {100 * ref.top1:.1f} % '
@@ -530,6 +536,19 @@ def check_targets(c: dict) -> List[str]:
             out.append(f'50 % of MACs{tag or " (no re-fit)"}: SNP {100 * a.top1:.1f} % vs L2 {100 * b.top1:.1f} % '
                        f'(logit KL {_f(a.logit_kl)} vs {_f(b.logit_kl)}): '
                        f'{"MET" if a.top1 > b.top1 else ("TIED" if a.top1 == b.top1 else "MISSED")} (ahead of L2).')
+    rec = f'{RECONSTRUCTION} + re-fit'
+    for key in [k for k in ('macs0.5', 'macs0.15', 'macs0.08') if k in results and rec in results[k]]:
+        a, b = results[key]['SNP (default) + re-fit'], results[key][rec]
+        d, ratio = 100 * (b.top1 - a.top1), b.logit_kl / max(a.logit_kl, 1e-30)
+        if key == 'macs0.5':
+            ok = 'MET' if b.top1 >= a.top1 and b.logit_kl <= a.logit_kl else 'MISSED'
+            goal = 'never worse than SNP + re-fit'
+        else:
+            ok = 'MET' if d >= 2 or ratio <= 0.6 else 'MISSED'
+            goal = '≥ 2 points above SNP + re-fit or logit KL ≤ 0.6×'
+        out.append(f'{c["settings"][key][0]}: reconstruction + re-fit {100 * b.top1:.1f} % / logit KL {_f(b.logit_kl)} '
+                   f'vs SNP + re-fit {100 * a.top1:.1f} % / {_f(a.logit_kl)} ({d:+.1f} points, KL {ratio:.2f}×): '
+                   f'{ok} ({goal}).')
     for key, (label, _) in c['settings'].items():
         r = results[key]
         for tag in ('', ' + re-fit'):
@@ -743,7 +762,9 @@ command. Baselines get exactly the per-block dims of the SNP model, hence the sa
 (tests/test_quality.py checks this). Random and L1 selections are sliced and re-fit through prune()'s
 own mechanics (`snp_fast.prune(..., selection=...)`); L2 magnitude here equals
 `prune(..., qk_criterion='magnitude', v_criterion='magnitude', mlp_criterion='magnitude',
-embed_criterion='magnitude')`. "+ re-fit" = the sequential least-squares re-fit (damp 1e-4, all
+embed_criterion='magnitude')`. "reconstruction (criteria=) + re-fit" = `prune(..., criteria='reconstruction')`
+(snp_fast/criteria: selection by the error left after the re-fit; its variants and 3 calibration draws:
+research/reconstruction_table.md). "+ re-fit" = the sequential least-squares re-fit (damp 1e-4, all
 calibration tokens unless swept). Metrics: see the module docstring of research/quality.py.
 "After a short KD recovery" = each pruned model distilled from the unpruned one with snp_fast.finetune
 (settings in that section; `--kd-epochs 0` leaves it out).

@@ -38,10 +38,11 @@ def prune(
         *,
         preset: Optional[str] = None,
         selection=None,
-        qk_criterion: str = 'snp',
-        v_criterion: str = 'redundancy',
-        mlp_criterion: str = 'redundancy',
-        embed_criterion: str = 'redundancy',
+        criteria: str = 'snp',
+        qk_criterion: Optional[str] = None,
+        v_criterion: Optional[str] = None,
+        mlp_criterion: Optional[str] = None,
+        embed_criterion: Optional[str] = None,
         head_criterion: str = 'snp',
         gamma: Optional[int] = None,
         refit: Union[bool, str] = True,
@@ -72,7 +73,13 @@ def prune(
         selection: instead of the criteria below, what to keep: a family Selection (exactly those indices; the
             target widths are its own, so no ratios), or a snp_fast.Selector whose scores(group) decide the
             groups it answers for (the criteria the rest). See snp_fast/selection.py.
-        qk_criterion: "snp" (attention-score preservation) or "magnitude".
+        criteria: every group's criterion at once (the per-group arguments below, when given, still decide
+            theirs): "snp" (the default: the paper's criteria), "magnitude" (every *_criterion "magnitude"),
+            or "reconstruction" (FFN neurons, value filters and residual-stream channels by the least-squares
+            error their consumers (fc2; attn.proj; every qkv, fc1 and the head) keep after the re-fit, greedy
+            structured OBS with this `damp`; q/k pairs by the attention-logit error they leave; heads by
+            `head_criterion`: snp_fast.criteria.Reconstruction; not with selection=; QUALITY.md compares).
+        qk_criterion: "snp" (attention-score preservation) or "magnitude" (default: from `criteria`).
         v_criterion, mlp_criterion: "redundancy" (the paper's), "magnitude" or "activation".
         embed_criterion: "redundancy" (TSS-averaged over the stream's producers), "magnitude" or
             "activation" (ViT family).
@@ -106,6 +113,10 @@ def prune(
         raise ValueError('selection=<a Selection> fixes the widths itself: give no ratios= or preset=')
     if not fixed and (ratios is None) == (preset is None):
         raise ValueError('give exactly one of ratios= or preset=')
+    own = [k for k, c in (('v', v_criterion), ('mlp', mlp_criterion), ('embed', embed_criterion), ('qk', qk_criterion))
+           if c is None]
+    qk_criterion, v_criterion, mlp_criterion, embed_criterion = _apply_criteria(
+        criteria, selection, qk_criterion, v_criterion, mlp_criterion, embed_criterion)
     settings = PruneSettings(qk_criterion, v_criterion, mlp_criterion, embed_criterion, head_criterion, gamma, refit,
                              damp, refit_tokens, batch_size, backend, precision)
     device = next(model.parameters(), torch.empty(0)).device
@@ -113,12 +124,15 @@ def prune(
     family = family_of(model)
     family.check_supported(model)
     family.check_settings(settings)
-    if calib is None and (settings.refit or not fixed and settings.needs_data()):
+    if calib is None and (settings.refit or criteria == 'reconstruction' or not fixed and settings.needs_data()):
         raise ValueError('calibration images are needed (calib=...) for the re-fit, the "snp" Q/K criterion, head '
-                         'pruning and "activation" criteria; pass refit=False and weight-only criteria to prune '
-                         'without data')
+                         'pruning, "activation" criteria and criteria="reconstruction"; pass refit=False and '
+                         'weight-only criteria to prune without data')
     if calib is not None:
         calib = _check_calib(family, model, calib).to(device=device, dtype=next(model.parameters()).dtype)
+    if criteria == 'reconstruction':
+        from .criteria import Reconstruction
+        selection = Reconstruction(damp=damp, groups=own, calib=calib, batch=batch_size)  # (given criteria win)
 
     timer = Timer()
     ctx = PruneContext(model, calib, settings, family.model_dims(model), None, timer,
@@ -142,12 +156,31 @@ def prune(
     copy_modes(pruned, modes)
     recorded = {'ratios': spec, 'preset': preset, **{k: getattr(settings, k) for k in SETTING_KEYS[1:]},
                 'calib_images': 0 if calib is None else calib.shape[0], 'backend': backend, 'precision': precision}
-    if selection is not None:
+    if criteria != 'snp':  # (recorded only when not the default: recipes of default runs stay as they were)
+        recorded['criteria'] = criteria
+    if selection is not None and criteria != 'reconstruction':
         recorded['selection'] = 'given' if fixed else type(selection).__name__
     pruned.snp_recipe = make_recipe(family.name, rebuild, ctx.dims_before, ctx.dims_after, kept, recorded)
     report = PruneReport(ctx.dims_before, ctx.dims_after, *measure(model, pruned), timer.times, recorded, ctx.stats,
                          ctx.notes, width_lines=family.width_lines)
     return pruned, report
+
+
+_CRITERIA_DEFAULTS = {  # (qk, v, mlp, embed) per prune(criteria=...)
+    'snp': ('snp', 'redundancy', 'redundancy', 'redundancy'),
+    # the Selector decides; these where it has no answer (a group shape it does not know)
+    'reconstruction': ('snp', 'redundancy', 'redundancy', 'redundancy'),
+    'magnitude': ('magnitude',) * 4,
+}
+
+
+def _apply_criteria(criteria: str, selection, *given):
+    """The per-group criteria for prune(criteria=...) (given ones win)."""
+    if criteria not in _CRITERIA_DEFAULTS:
+        raise ValueError(f'criteria={criteria!r} is not known; choose one of {list(_CRITERIA_DEFAULTS)}')
+    if criteria == 'reconstruction' and selection is not None:
+        raise ValueError('criteria="reconstruction" is itself a Selector: give no selection= with it')
+    return tuple(g if g is not None else d for g, d in zip(given, _CRITERIA_DEFAULTS[criteria]))
 
 
 def _check_calib(family: Family, model: nn.Module, calib) -> torch.Tensor:
