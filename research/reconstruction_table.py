@@ -56,7 +56,7 @@ def run(n_calib: int = 64, draws: int = 3, log=print) -> dict:
         ref = Reference(model, x_te, y_te)
         levels = {t: uniform_ratio_for_macs(model, t) for t in TARGETS}
         res, seeds = {}, {}
-        for t, (r, frac) in levels.items():
+        for t, (r, _frac) in levels.items():
             for m, build in METHODS.items():
                 t0 = time.perf_counter()
                 pruned = build(model, pool[:n_calib], r)
@@ -101,8 +101,10 @@ def to_markdown(out: dict, n_calib: int, draws: int, elapsed: float) -> str:
          'other rows change one part of it.', '']
     for name, c in out.items():
         top1, n = c['ref']
-        L += [f'## {name}: unpruned top-1 {100 * top1:.1f} % on {n} held-out images (1 image = {100 / n:.1f} points)', '']
-        L.append('| method | ' + ' | '.join(f'MACs ≈ {frac:.3f} (ratio {r})' for r, frac in c['levels'].values()) + ' |')
+        L += [f'## {name}: unpruned top-1 {100 * top1:.1f} % on {n} held-out images '
+              f'(1 image = {100 / n:.1f} points)', '']
+        L.append('| method | ' + ' | '.join(f'MACs ≈ {frac:.3f} (ratio {r})' for r, frac in c['levels'].values())
+                 + ' |')
         L.append('|---|' + '---|' * len(TARGETS))
         for m in METHODS:
             cells = []

@@ -12,7 +12,6 @@ import pytest
 
 import structure_rules
 
-pytestmark = pytest.mark.xfail(strict=False, reason='until the pipeline refactor lands')
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'snp_fast')
 
