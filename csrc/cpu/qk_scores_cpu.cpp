@@ -1,4 +1,4 @@
-// Q/K attention-score preservation scores on the CPU (SNP.md, "Scores"), never forming the N×N matrix.
+// Q/K attention-score preservation scores on the CPU (docs/METHOD.md, "Criteria"), never forming the N×N matrix.
 //
 // Per (image, head), with Q, K the (N, d) queries and keys, S = Q Kᵀ = Σ_j σ_j u_j v_jᵀ and
 //     ω_i = Σ_{j<γ, σ_j > 1e-4 σ_1} |cos(u_j, q_i) · cos(v_j, k_i)|.

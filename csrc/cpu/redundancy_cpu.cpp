@@ -1,4 +1,4 @@
-// Redundancy scores on the CPU (SNP.md, "V and FFN"): ω_i = Σ_l (1 − |cos(W_i, W_l)|) over the rows.
+// Redundancy scores on the CPU (docs/METHOD.md, "Criteria"): ω_i = Σ_l (1 − |cos(W_i, W_l)|) over the rows.
 //
 // The cosine matrix is never formed whole beyond one tile: it is visited in T×T tiles over the upper
 // triangle of tile pairs only (I ≤ J), each tile one BLAS product of the rows (a syrk, one triangle, for

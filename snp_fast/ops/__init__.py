@@ -125,7 +125,7 @@ _import_triton_kernels()
 # --- public API: scores and slices, not differentiable (no autograd graph, also for inputs that require grad)
 @torch.no_grad()
 def qk_scores(q: torch.Tensor, k: torch.Tensor, gamma: int, *, backend: str = 'auto') -> torch.Tensor:
-    """Q/K attention-score preservation scores (SNP.md), summed over the batch.
+    """Q/K attention-score preservation scores (docs/METHOD.md, "Criteria"), summed over the batch.
 
     Args:
         q: queries (B, H, N, d) as they enter QKᵀ; any float dtype (computed in fp32).

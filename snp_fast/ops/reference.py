@@ -39,7 +39,7 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, gamma: int) -> None:
 
 
 def qk_scores_literal(q: torch.Tensor, k: torch.Tensor, gamma: int, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Q/K attention-score preservation scores, computed literally (SNP.md, "Scores").
+    """Q/K attention-score preservation scores, computed literally (docs/METHOD.md, "Criteria").
 
     For every image b and head h: S = Q Kᵀ (N×N), S = Σ_j σ_j u_j v_jᵀ, and filter pair i scores
     Σ_{j≤γ} |cos(u_j, q_i) · cos(v_j, k_i)| (= |cos(σ_j u_j v_jᵀ, q_i k_iᵀ)|). Summed over images.

@@ -1,4 +1,4 @@
-"""Redundancy scores ω_i = Σ_l (1 − |cos(W_i, W_l)|) as one Triton kernel (SNP.md, "V and FFN").
+"""Redundancy scores ω_i = Σ_l (1 − |cos(W_i, W_l)|) as one Triton kernel (docs/METHOD.md, "Criteria").
 
 Reference: snp_fast.ops.reference.redundancy_scores_full (the full n×n cosine matrix in plain torch).
 Kernel: the rows are normalised once (torch); each program computes one BLOCK×BLOCK tile of the cosine
