@@ -266,12 +266,18 @@ def default_calib(transform: Callable, num: int, seed: int = 0, in_chans: int = 
 
 
 def load_calib(model: nn.Module, directory: Optional[str] = None, num: int = 64, seed: int = 0,
-               progress: bool = True) -> Tuple[torch.Tensor, CalibInfo]:
-    """Calibration images for `model`, preprocessed with its timm eval transform, as (B, C, H, W)."""
+               progress: bool = True, config: Optional[dict] = None) -> Tuple[torch.Tensor, CalibInfo]:
+    """Calibration images for `model`, preprocessed with its timm eval transform (or the one of `config`, a
+    timm data config), as (B, C, H, W)."""
     if num < 1:
         raise CalibError(f'--num-calib must be >= 1, got {num}')
-    transform = eval_transform(model)
-    in_chans = getattr(model, 'in_chans', 3)
+    if config is None:
+        transform = eval_transform(model)
+        in_chans = getattr(model, 'in_chans', 3)
+    else:
+        import timm.data
+        transform = timm.data.create_transform(**config, is_training=False)
+        in_chans = config['input_size'][0]
     if directory is None:
         return default_calib(transform, num, seed, in_chans)
     return load_folder(directory, transform, num, seed, in_chans, progress)

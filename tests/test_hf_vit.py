@@ -125,3 +125,34 @@ def test_a_recipe_builds_only_the_supported_classes_and_never_reaches_the_networ
     save_pruned(pruned, str(tmp_path / 'bad'))
     with pytest.raises(RecipeError, match="transformers class 'AutoModel'"):
         load_pruned(str(tmp_path / 'bad'))
+
+
+def test_the_command_line_prunes_a_save_pretrained_folder_and_evaluates_it(tmp_path):
+    """`snp-fast prune HF_DIR --ratios ...`: read offline, calibrated with the folder's image processor settings,
+    saved; `snp-fast eval` on the result uses those settings; what only timm models take is refused."""
+    import json
+    import numpy as np
+    from PIL import Image
+    from snp_fast.cli import main
+    m = build('ViTForImageClassification')
+    m.config.architectures = ['ViTForImageClassification']
+    m.save_pretrained(str(tmp_path / 'hf'))
+    transformers.ViTImageProcessor(size={'height': 32, 'width': 32}, image_mean=[.4, .4, .4],
+                                   image_std=[.3, .3, .3]).save_pretrained(str(tmp_path / 'hf'))
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / 'val' / f'c{c}').mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / 'val' / f'c{c}' / 'a.png')
+    ratios = json.dumps(RATIOS)
+    assert main(['prune', str(tmp_path / 'hf'), '--ratios', ratios, '--calib', str(tmp_path / 'val'),
+                 '--num-calib', '8', '--out', str(tmp_path / 'out'), '--quiet']) == 0
+    pruned = load_pruned(str(tmp_path / 'out'))
+    assert type(pruned).__name__ == 'ViTForImageClassification'
+    cfg = pruned.snp_recipe['data_config']
+    assert cfg['input_size'] == [3, 32, 32] and cfg['mean'] == [.4, .4, .4] and cfg['std'] == [.3, .3, .3]
+    assert main(['eval', str(tmp_path / 'out'), '--data', str(tmp_path / 'val'), '-j', '0', '--no-progress',
+                 '--json', str(tmp_path / 'e.json')]) == 0
+    assert json.loads((tmp_path / 'e.json').read_text())['images'] == 10
+    assert main(['prune', str(tmp_path / 'hf'), '--preset', 'deit_small_patch16_224', '--out',
+                 str(tmp_path / 'out2')]) == 2
+    assert not (tmp_path / 'out2').exists()

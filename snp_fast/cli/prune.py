@@ -8,6 +8,11 @@ from ._common import (EXIT_OK, UsageError, create_model, family, load_checkpoint
 from ._ratios import ratio_spec, ratios_file
 
 
+def hf_dir(path: str) -> bool:
+    from ..families.hf_vit.local import is_pretrained_dir
+    return is_pretrained_dir(path)
+
+
 class _ReportWithExtras:
     """What save_pruned writes to report.json: the PruneReport plus what the command line knows."""
 
@@ -48,8 +53,9 @@ def run(args) -> int:
     import snp_fast
     from ..calib import load_calib
     # the output's place, before any work: writable, free (or --overwrite of a model folder), no input inside
-    out = plan_dir(args.out or f'{args.model}_snp', '--out', overwrite=args.overwrite,
-                   inputs=[('--checkpoint', args.checkpoint), ('--calib', args.calib),
+    out = plan_dir(args.out or f'{os.path.normpath(args.model)}_snp', '--out', overwrite=args.overwrite,
+                   inputs=[('MODEL', args.model if os.path.isdir(args.model) else None),
+                           ('--checkpoint', args.checkpoint), ('--calib', args.calib),
                            ('--ratios', args.ratios and ratios_file(args.ratios))])
     if args.num_calib < 1:
         raise UsageError(f'--num-calib must be >= 1, got {args.num_calib}')
@@ -65,6 +71,8 @@ def run(args) -> int:
     progress = not args.quiet
     t_start = time.perf_counter()
 
+    if hf_dir(args.model):
+        return _run_hf(args, out, device, progress, t_start)
     meta = create_model(args.model, kwargs, device='meta')  # cheap: fail fast on bad names/ratios/targets
     if args.plot and family(meta).name != 'vit':
         raise UsageError(f'--plot draws ViT CLS attention maps; it is not available for {type(meta).__name__}')
@@ -135,4 +143,44 @@ def run(args) -> int:
     print(f'other phases: load model {t_load:.2f}s, load calibration {t_calib:.2f}s'
           + (f', plot {t_plot:.2f}s' if args.plot else '') + f'; wall {time.perf_counter() - t_start:.1f}s')
     print(f'wrote {out}/ (model.safetensors, recipe.json, report.json' + (', attention.png)' if png else ')'))
+    return EXIT_OK
+
+
+def _run_hf(args, out, device, progress, t_start) -> int:
+    """MODEL is a transformers save_pretrained folder: read it offline, calibrate with its image processor's
+    preprocessing, prune with --ratios, save (the recipe records that preprocessing for `snp-fast eval`)."""
+    import snp_fast
+    from ..calib import load_calib
+    from ..families.hf_vit.local import data_config_from_dir, load_pretrained_dir
+    for flag, given in (('--checkpoint', args.checkpoint), ('--pretrained', args.pretrained),
+                        ('--model-kwargs', args.model_kwargs), ('--preset', args.preset), ('--flops', args.flops),
+                        ('--params', args.params), ('--plot', args.plot)):
+        if given:
+            raise UsageError(f'{flag} is for timm models; MODEL {args.model} is a transformers folder (give --ratios)')
+    if not args.ratios:
+        raise UsageError(f'MODEL {args.model} is a transformers folder: give --ratios (presets and --flops are '
+                         'timm-only)')
+    try:
+        model = load_pretrained_dir(args.model).to(device)
+    except OSError as e:
+        raise UsageError(f'MODEL {args.model}: transformers could not read it offline: {e}') from None
+    config = data_config_from_dir(args.model, model)
+    if config is None:
+        size = model.config.image_size
+        config = {'input_size': (model.config.num_channels, size, size), 'mean': (0.5,) * model.config.num_channels,
+                  'std': (0.5,) * model.config.num_channels, 'interpolation': 'bilinear', 'crop_pct': 1.0,
+                  'crop_mode': 'center'}
+        log(f'note: {args.model} has no preprocessor_config.json; calibration uses {config}')
+    ratios, _, _, _ = ratio_spec(args, model)
+    calib, info = load_calib(model, args.calib, args.num_calib, seed=args.seed, progress=progress, config=config)
+    log(info.describe())
+    pruned, report = snp_fast.prune(model, calib.to(device), ratios=ratios, refit=not args.no_refit,
+                                    backend=args.backend, precision=args.precision, batch_size=args.batch_size)
+    pruned.snp_recipe['data_config'] = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    extra = {'command': getattr(args, 'argv', None), 'model': os.path.abspath(args.model),
+             'weights': 'the folder\'s own', 'calibration': info.to_dict(), 'device': str(device)}
+    snp_fast.save_pruned(pruned.cpu(), out, overwrite=args.overwrite, report=_ReportWithExtras(report, extra))
+    print(f'{args.model} ({type(model).__name__}), {info.loaded} calibration images, ratios from {args.ratios}')
+    print(report.summary())
+    print(f'wall {time.perf_counter() - t_start:.1f}s; wrote {out}/ (model.safetensors, recipe.json, report.json)')
     return EXIT_OK
