@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .families import family_for_recipe
-from .outputs import current_umask
+from .outputs import MODEL_FILES, current_umask, plan_dir
 from .report import RECIPE_FORMAT
 
 __all__ = ['save_pruned', 'load_pruned', 'check_recipe_safe', 'RecipeError']
@@ -154,6 +154,9 @@ def save_pruned(model: nn.Module, directory: str, overwrite: bool = False, repor
         raise FileExistsError(f'{directory} exists and is not a directory')
     if os.path.exists(directory) and os.listdir(directory) and not overwrite:
         raise FileExistsError(f'{directory} exists and is not empty (pass overwrite=True to replace it)')
+    if overwrite:  # the one output rule (outputs.py): never a folder holding anything but a model, nor the cwd
+        plan_dir(directory, 'directory', overwrite=True,
+                 replaceable=set(MODEL_FILES) | {os.path.basename(n) for n in (files or {})})
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     clean_stale_temp(parent)

@@ -573,3 +573,22 @@ def test_first_non_finite_names_the_tensor():
             bad['c'][4] = v
             bad['d'][0] = float('nan')
             assert _first_non_finite(bad.items()) == 'c', (dtype, v)
+
+
+def test_save_pruned_overwrite_follows_the_output_rule(tmp_path, monkeypatch):
+    """The Python API follows the command line's rule: overwrite=True replaces a model folder, never a folder with
+    other files in it (named, nothing lost) nor the current directory."""
+    import snp_fast
+    from snp_fast.demo import digits_data, load_digits_vit
+    pruned, _ = snp_fast.prune(load_digits_vit(), digits_data()[0][:4], 0.5, refit=False)
+    snp_fast.save_pruned(pruned, str(tmp_path / 'm'))
+    snp_fast.save_pruned(pruned, str(tmp_path / 'm'), overwrite=True)  # a model folder: replaced
+    (tmp_path / 'm' / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match='notes.txt'):
+        snp_fast.save_pruned(pruned, str(tmp_path / 'm'), overwrite=True)
+    assert (tmp_path / 'm' / 'notes.txt').read_text() == 'mine'
+    monkeypatch.chdir(tmp_path / 'm')
+    (tmp_path / 'm' / 'notes.txt').unlink()
+    with pytest.raises(ValueError, match='current directory'):
+        snp_fast.save_pruned(pruned, '.', overwrite=True)
+    assert (tmp_path / 'm' / 'model.safetensors').exists()
