@@ -40,7 +40,8 @@ site=$("$tmp/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()[
 import os, sys, torch, snp_fast, snp_fast._C
 assert snp_fast.__file__.startswith(sys.prefix), snp_fast.__file__
 from snp_fast import ops
-assert 'cpu' in ops.available_backends('gather_slices', 'cpu')
+assert 'compiled' in ops.available_backends('gather_slices', 'cpu')
+assert len(snp_fast.families.families()) == 4  # every family folder travels with the wheel
 assert len(snp_fast.list_presets()) >= 7, snp_fast.list_presets()  # the package data travels with the wheel
 from snp_fast.demo import load_digits_vit, load_faces_vit
 load_digits_vit(), load_faces_vit()
